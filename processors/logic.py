@@ -1,0 +1,151 @@
+"""What the processors do to one event, apart from Faust: aggregates, the run-state machine, alerts."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from runwatch.events import (Alert, Envelope, Heartbeat, MetricAggregates, MetricBatch, PropertiesSet, RunCreated,
+                             RunState, RunStatus, StatusChanged, TagsSet, Transition, make_envelope, new_event_id)
+
+from . import aggregates as agg
+from .states import ALERTING, check_transition, is_terminal
+
+Out = tuple[str, str, Any]  # (topic name without prefix, run_id, envelope)
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic event id, so a replayed input yields the same output ids (sinks deduplicate on them)."""
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def is_repeat(seen: dict[str, int], env: Envelope) -> bool:
+    """True when this (source, seq) was already applied; records it otherwise."""
+    key = env.source.key
+    last = seen.get(key)
+    if last is not None and env.seq <= last:
+        return True
+    seen[key] = env.seq
+    return False
+
+
+class MetricsLogic:
+    """Per run: {"seen": {source: seq}, "aggs": {metric key: row}, "version": n}."""
+
+    @staticmethod
+    def new_state() -> dict[str, Any]:
+        return {"seen": {}, "aggs": {}, "version": 0}
+
+    def handle(self, env: Envelope, state: dict[str, Any], source_seq: int = 0) -> list[Out]:
+        batch = env.payload
+        if not isinstance(batch, MetricBatch):
+            return []
+        if is_repeat(state["seen"], env):
+            return []
+        rows = agg.batch_aggregates(batch)
+        agg.merge(state["aggs"], rows)
+        state["version"] += 1
+        out_rows = agg.to_rows(state["aggs"], list(rows))
+        for r in out_rows:
+            r["version"] = state["version"]
+        payload = MetricAggregates(source_event=env.event_id, rows=out_rows)
+        out = make_envelope(env.run_id, env.experiment, payload, state["version"],
+                            event_id=derived_id("agg", env.event_id))
+        return [("aggregates", env.run_id, out)]
+
+
+class RunStateLogic:
+    """Per run: a snapshot of everything the run-state machine knows (see `new_state`)."""
+
+    @staticmethod
+    def new_state(run_id: str, experiment: str) -> dict[str, Any]:
+        return {
+            "run_id": run_id, "experiment": experiment, "display_name": None, "parent_run_id": None,
+            "run_type": "interactive", "compute_target": "local", "status": None, "created_ts": None,
+            "start_ts": None, "end_ts": None, "properties": {}, "tags": {}, "error": None,
+            "last_heartbeat": None, "dropped_points": 0, "illegal_transitions": 0, "version": 0, "seen": {},
+        }
+
+    def handle(self, env: Envelope, st: dict[str, Any]) -> list[Out]:
+        if is_repeat(st["seen"], env):
+            return []
+        p = env.payload
+        out: list[Out] = []
+        changed = True
+        if env.experiment and not st["experiment"]:
+            st["experiment"] = env.experiment
+        if isinstance(p, RunCreated):
+            st["display_name"] = p.display_name
+            st["parent_run_id"] = p.parent_run_id
+            st["run_type"] = p.run_type
+            st["compute_target"] = p.compute_target
+            st["created_ts"] = st["created_ts"] or p.created_ts
+            for k, v in p.properties.items():
+                st["properties"].setdefault(k, v)
+            st["tags"].update(p.tags)
+            out += self._move(env, st, p.status, None, at=p.created_ts)
+        elif isinstance(p, StatusChanged):
+            out += self._move(env, st, p.status, p.error, at=env.ts)
+        elif isinstance(p, TagsSet):
+            st["tags"].update(p.tags)
+        elif isinstance(p, PropertiesSet):
+            for k, v in p.properties.items():  # immutable: the first value stays
+                st["properties"].setdefault(k, v)
+        elif isinstance(p, Heartbeat):
+            changed = p.dropped != st["dropped_points"]
+            st["last_heartbeat"] = env.ts
+            st["dropped_points"] = max(st["dropped_points"], p.dropped)
+            if st["status"] == RunStatus.NotResponding.value:
+                out += self._move(env, st, RunStatus.Running, None, at=env.ts)
+                changed = True
+        else:
+            return []
+        if st["created_ts"] is None:
+            st["created_ts"] = env.ts
+        if changed or out:
+            out.append(self.snapshot(env, st))
+        return out
+
+    def snapshot(self, env: Envelope, st: dict[str, Any]) -> Out:
+        st["version"] += 1
+        public = {k: v for k, v in st.items() if k != "seen"}
+        payload = RunState(version=st["version"], snapshot=public)
+        return ("aggregates", st["run_id"],
+                make_envelope(st["run_id"], st["experiment"], payload, st["version"],
+                              event_id=derived_id("state", st["run_id"], str(st["version"]), env.event_id)))
+
+    def _move(self, env: Envelope, st: dict[str, Any], target: RunStatus, error: Any, at: float) -> list[Out]:
+        current = RunStatus(st["status"]) if st["status"] else None
+        ok, reason = check_transition(current, target)
+        out: list[Out] = []
+        if current == target:
+            return out
+        tr = Transition(from_status=current, to_status=target, applied=ok, reason=reason, source_event=env.event_id)
+        out.append(("aggregates", env.run_id,
+                    make_envelope(env.run_id, st["experiment"], tr, env.seq, event_id=derived_id("tr", env.event_id))))
+        if not ok:
+            st["illegal_transitions"] += 1
+            return out
+        st["status"] = target.value
+        if target == RunStatus.Running and st["start_ts"] is None:
+            st["start_ts"] = at
+        if is_terminal(target):
+            st["end_ts"] = at
+            if st["start_ts"] is None:
+                st["start_ts"] = st["created_ts"] or at
+        if error:
+            st["error"] = error
+        if target in ALERTING:
+            alert = Alert(status=target, reason=(error or {}).get("message") or f"run became {target.value}",
+                          details={"error": error, "parent_run_id": st["parent_run_id"]})
+            out.append(("alerts", env.run_id, make_envelope(env.run_id, st["experiment"], alert, env.seq,
+                                                           event_id=derived_id("alert", env.event_id))))
+        return out
+
+
+def now() -> float:
+    return time.time()
+
+
+__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "new_event_id"]

@@ -1,0 +1,568 @@
+"""The background batching producer: one daemon thread per process owns an asyncio loop and the Kafka producer.
+
+`Run.log()` appends a tuple to a plain list (`Emitter.buf`) and returns; this module
+turns those tuples into per-run columnar MetricBatch events every `flush_interval`,
+sends them with acks=all, and spools them to disk while the broker is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runwatch.events import (Envelope, Heartbeat, MetricBatch, MetricName, encode, make_envelope, this_source)
+from runwatch.settings import Settings
+
+from .spool import Record, Spool, spool_dir_for
+
+log = logging.getLogger("runwatch.producer")
+
+#: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
+MAX_POINTS_PER_MESSAGE = 100_000
+TOPICS = ("runs", "metrics", "logs", "aggregates", "alerts", "dlq")
+
+
+@dataclass
+class Stats:
+    """Counters a user (and the tests) can read: `Emitter.stats`."""
+
+    points_logged: int = 0
+    events_sent: int = 0
+    events_spooled: int = 0
+    points_dropped: int = 0
+    events_dropped: int = 0
+    send_errors: int = 0
+    background_errors: int = 0
+    dropped_by_run: dict[str, int] = field(default_factory=dict)
+
+
+class _Barrier:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+
+class Emitter:
+    """Owns the hot buffers, the background thread, the producer and the spool."""
+
+    def __init__(self, settings: Settings, *, offline: bool = False):
+        self.settings = settings
+        self.offline = offline
+        self.pid = os.getpid()
+        # --- hot path state (appended to by any thread, swapped by the background thread)
+        self.buf: list[tuple] = []          # (gidx, step, ts_seconds, float value)
+        self.sbuf: list[tuple] = []         # (gidx, step, ts_seconds, str value)
+        self.chunks: list[tuple] = []       # (gidx, step, ts_seconds, value) numpy arrays
+        self.control: collections.deque = collections.deque()  # (run_id, experiment, payload)
+        self.batch_max = settings.batch_max_points
+        self.buffer_max = settings.buffer_max_points
+        # --- name table: gidx -> (run_id, experiment, MetricName)
+        self.names: list[tuple[str, str, MetricName]] = []
+        self._name_lock = threading.Lock()
+        self.stats = Stats()
+        self._warned_drop = False
+        self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
+        self._seq = itertools.count()
+        self._retired: list[tuple[list, int, int]] = []  # (list, consumed, cycles left)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_async: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._closing = False
+        self._closed = False
+        self._start_lock = threading.Lock()
+        self.connected = False
+        self._spool: Spool | None = None
+
+    # ------------------------------------------------------------------ hot-path helpers
+    def register(self, run_id: str, experiment: str, name: MetricName) -> int:
+        with self._name_lock:
+            self.names.append((run_id, experiment, name))
+            return len(self.names) - 1
+
+    def full(self) -> None:
+        """Called by log() when the hot buffer reached `batch_max`: wake the thread, or drop."""
+        self.ensure_started()
+        buf = self.buf
+        if len(buf) > self.buffer_max:
+            # the background thread cannot keep up: drop the newest points, count them, warn once
+            extra = len(buf) - self.buffer_max
+            for _ in range(extra):
+                try:
+                    point = buf.pop()
+                except IndexError:
+                    break
+                self._count_drop(self.names[int(point[0])][0], 1)
+        self.wake()
+
+    def _count_drop(self, run_id: str, n: int) -> None:
+        self.stats.points_dropped += n
+        self.stats.dropped_by_run[run_id] = self.stats.dropped_by_run.get(run_id, 0) + n
+        if not self._warned_drop:
+            self._warned_drop = True
+            log.warning("runwatch: dropping metric points (buffer or spool full); the count is reported on the run")
+
+    def wake(self) -> None:
+        loop, ev = self._loop, self._wake_async
+        if loop is not None and ev is not None:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    def send_control(self, run_id: str, experiment: str, payload: Any) -> None:
+        if self._closed:
+            raise RuntimeError("runwatch: this process's emitter is closed")
+        self.control.append((run_id, experiment, payload))
+        self.ensure_started()
+        self.wake()
+
+    def open_run(self, run_id: str, experiment: str) -> None:
+        self._open_runs[run_id] = experiment
+
+    def close_run(self, run_id: str) -> None:
+        self._open_runs.pop(run_id, None)
+
+    # ------------------------------------------------------------------ lifecycle
+    def ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._thread_main, name="runwatch-emitter", daemon=True)
+            self._thread.start()
+            self._started.wait(5)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Block until every point logged before this call is acknowledged by the broker or in the spool."""
+        if self._closed:
+            return True
+        self.ensure_started()
+        barrier = _Barrier()
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._request_flush, barrier)
+        except RuntimeError:
+            return False
+        return barrier.event.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop accepting, drain (to the broker or the spool), stop the thread."""
+        if self._closed or self._thread is None:
+            self._closed = True
+            return True
+        ok = self.flush(timeout)
+        self._closing = True
+        self.wake()
+        self._thread.join(timeout)
+        self._closed = True
+        return ok
+
+    # ------------------------------------------------------------------ background thread
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._wake_async = asyncio.Event()
+        self._flush_requests: list[_Barrier] = []
+        self._outbox: collections.deque = collections.deque()
+        self._outbox_bytes = 0
+        self._spooling = False
+        self._producer = None
+        self._next_connect = 0.0
+        self._connect_failures = 0
+        self._started.set()
+        try:
+            loop.run_until_complete(self._main())
+        except Exception:  # never let the thread die silently
+            log.exception("runwatch: emitter thread failed")
+            self.stats.background_errors += 1
+        finally:
+            try:
+                loop.run_until_complete(self._stop_producer())
+            except Exception:
+                pass
+            loop.close()
+
+    def _request_flush(self, barrier: _Barrier) -> None:
+        self._flush_requests.append(barrier)
+        self._wake_async.set()
+
+    async def _main(self) -> None:
+        last_heartbeat = 0.0
+        interval = self.settings.flush_interval
+        while True:
+            try:
+                await asyncio.wait_for(self._wake_async.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake_async.clear()
+            try:
+                now = time.time()
+                if now - last_heartbeat >= self.settings.heartbeat_interval and self._open_runs:
+                    last_heartbeat = now
+                    for run_id, exp in list(self._open_runs.items()):
+                        self.control.append((run_id, exp, Heartbeat(dropped=self.stats.dropped_by_run.get(run_id, 0))))
+                barriers, self._flush_requests = self._flush_requests, []
+                self._pack()
+                for b in barriers:
+                    self._enqueue(b)
+                await self._send()
+            except Exception:
+                self.stats.background_errors += 1
+                log.exception("runwatch: error in the background flush (training is not affected)")
+            if self._closing and not self._outbox and not self._flush_requests:
+                return
+
+    # -- packing -------------------------------------------------------------------
+    def _take(self) -> tuple[list, list, list]:
+        buf, self.buf = self.buf, []
+        sbuf, self.sbuf = self.sbuf, []
+        chunks, self.chunks = self.chunks, []
+        # a thread that loaded the old list just before the swap appends to it a moment later:
+        # keep the old lists for two more cycles and take what arrives late
+        late: list = []
+        keep = []
+        for lst, consumed, left in self._retired:
+            if len(lst) > consumed:
+                late.extend(lst[consumed:])
+                consumed = len(lst)
+            if left > 0:
+                keep.append((lst, consumed, left - 1))
+        keep.append((buf, len(buf), 2))
+        keep.append((sbuf, len(sbuf), 2))
+        self._retired = keep
+        numeric = [p for p in late if type(p[3]) is not str] + buf
+        text = [p for p in late if type(p[3]) is str] + sbuf
+        return numeric, text, chunks
+
+    def _pack(self) -> None:
+        numeric, text, chunks = self._take()
+        while self.control:
+            run_id, exp, payload = self.control.popleft()
+            self._enqueue_event(run_id, exp, payload, "runs" if payload.kind not in ("logs",) else "logs")
+        if not numeric and not text and not chunks:
+            return
+        n = len(numeric)
+        self.stats.points_logged += n + len(text) + sum(len(c[0]) for c in chunks)
+        if n:
+            flat = np.fromiter(itertools.chain.from_iterable(numeric), dtype=np.float64, count=4 * n).reshape(n, 4)
+            parts = [(flat[:, 0].astype(np.uint32), flat[:, 1].astype(np.int64), flat[:, 2], flat[:, 3])]
+        else:
+            parts = []
+        parts.extend(chunks)
+        if parts:
+            gidx = np.concatenate([p[0] for p in parts]).astype(np.uint32)
+            step = np.concatenate([p[1] for p in parts]).astype(np.int64)
+            ts = (np.concatenate([p[2] for p in parts]) * 1e6).astype(np.int64)
+            val = np.concatenate([p[3] for p in parts]).astype(np.float64)
+        else:
+            gidx = np.empty(0, np.uint32)
+            step = ts = np.empty(0, np.int64)
+            val = np.empty(0)
+        if text:
+            s_gidx = np.fromiter((p[0] for p in text), dtype=np.uint32, count=len(text))
+            s_step = np.fromiter((p[1] for p in text), dtype=np.int64, count=len(text))
+            s_ts = (np.fromiter((p[2] for p in text), dtype=np.float64, count=len(text)) * 1e6).astype(np.int64)
+            s_val = [p[3] for p in text]
+        else:
+            s_gidx = np.empty(0, np.uint32)
+            s_step = s_ts = np.empty(0, np.int64)
+            s_val = []
+        names = self.names
+        # one run index per global name, then group the points by run
+        run_ids: dict[str, int] = {}
+        run_of = np.fromiter((run_ids.setdefault(names[i][0], len(run_ids)) for i in range(len(names))),
+                             dtype=np.int32, count=len(names))
+        run_list = list(run_ids)
+        for r, sel, s_sel in _group(run_of[gidx], run_of[s_gidx] if len(s_gidx) else np.empty(0, np.int32)):
+            run_id = run_list[r]
+            exp = names[int(gidx[sel][0] if len(sel) else s_gidx[s_sel][0])][1]
+            g, sg = gidx[sel], s_gidx[s_sel]
+            uniq, inv = np.unique(np.concatenate([g, sg]), return_inverse=True)
+            table = [names[int(i)][2] for i in uniq]
+            inv_n, inv_s = inv[: len(g)], inv[len(g):]
+            st, tt, vv = step[sel], ts[sel], val[sel]
+            s_st, s_tt = s_step[s_sel], s_ts[s_sel]
+            s_vv = [s_val[int(i)] for i in s_sel]
+            total = len(g)
+            for lo in range(0, max(total, 1), MAX_POINTS_PER_MESSAGE):
+                hi = lo + MAX_POINTS_PER_MESSAGE
+                first = lo == 0
+                batch = MetricBatch.from_arrays(
+                    table, inv_n[lo:hi], st[lo:hi], tt[lo:hi], vv[lo:hi],
+                    inv_s if first else None, s_st if first else None, s_tt if first else None,
+                    s_vv if first else None)
+                self._enqueue_event(run_id, exp, batch, "metrics", points=min(hi, total) - lo + (len(s_vv) if first else 0))
+
+    def _enqueue_event(self, run_id: str, experiment: str, payload: Any, topic: str, points: int = 0) -> None:
+        env: Envelope = make_envelope(run_id, experiment, payload, next(self._seq))
+        rec = Record(self.settings.topic(topic), run_id.encode(), encode(env), run_id, points)
+        self._enqueue(rec)
+
+    def _enqueue(self, item: Record | _Barrier) -> None:
+        if self._spooling or self.offline:
+            if isinstance(item, _Barrier):
+                item.event.set()
+                return
+            self._to_spool([item])
+            return
+        self._outbox.append(item)
+        if isinstance(item, Record):
+            self._outbox_bytes += len(item.value)
+            if self._outbox_bytes > 64 << 20:  # the broker is slow: move the backlog to disk
+                self._start_spooling()
+
+    # -- spooling ------------------------------------------------------------------
+    def _get_spool(self) -> Spool:
+        if self._spool is None:
+            self._spool = Spool(spool_dir_for(self.settings.home, this_source().key), self.settings.spool_max_bytes)
+        return self._spool
+
+    def _to_spool(self, records: list[Record]) -> None:
+        refused = self._get_spool().append(records)
+        self.stats.events_spooled += len(records) - len(refused)
+        for rec in refused:
+            self.stats.events_dropped += 1
+            self._count_drop(rec.run_id, rec.points)
+
+    def _start_spooling(self, failed: list[Record] = ()) -> None:
+        """From now on every event goes to the spool, in order, until the spool is drained."""
+        self._spooling = True
+        pending = list(failed)
+        barriers = []
+        while self._outbox:
+            item = self._outbox.popleft()
+            if isinstance(item, _Barrier):
+                barriers.append(item)
+            else:
+                pending.append(item)
+        self._outbox_bytes = 0
+        self._to_spool(pending)
+        for b in barriers:
+            b.event.set()
+
+    # -- sending -------------------------------------------------------------------
+    async def _send(self) -> None:
+        if self.offline:
+            return
+        if self._producer is None and not await self._connect():
+            if self._outbox:
+                self._start_spooling()
+            return
+        if self._spooling:
+            if not await self._drain_spool():
+                return
+        while self._outbox:
+            items = []
+            while self._outbox:
+                items.append(self._outbox.popleft())
+            self._outbox_bytes = 0
+            records = [i for i in items if isinstance(i, Record)]
+            failed = await self._send_records(records)
+            if failed:
+                self._start_spooling(failed)
+                # the barriers in `items` are satisfied: their events are in the spool
+                for i in items:
+                    if isinstance(i, _Barrier):
+                        i.event.set()
+                await self._disconnect()
+                return
+            for i in items:
+                if isinstance(i, _Barrier):
+                    i.event.set()
+
+    async def _send_records(self, records: list[Record]) -> list[Record]:
+        """Send in order; return the records not acknowledged (all of them after the first failure)."""
+        if not records:
+            return []
+        futures = []
+        try:
+            for rec in records:
+                futures.append(await self._producer.send(rec.topic, rec.value, key=rec.key))
+        except Exception as exc:
+            self.stats.send_errors += 1
+            log.warning("runwatch: broker send failed (%s); spooling", exc)
+            return records[len(futures):] if not futures else await self._settle(records, futures, len(futures))
+        return await self._settle(records, futures, len(records))
+
+    async def _settle(self, records, futures, n_sent) -> list[Record]:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed_at = None
+        for i, res in enumerate(results):
+            if isinstance(res, Exception):
+                failed_at = i
+                self.stats.send_errors += 1
+                log.warning("runwatch: broker did not acknowledge an event (%s); spooling", res)
+                break
+        if failed_at is None:
+            self.stats.events_sent += n_sent
+            return records[n_sent:]
+        self.stats.events_sent += failed_at
+        return records[failed_at:]
+
+    async def _drain_spool(self) -> bool:
+        spool = self._get_spool()
+        while True:
+            batch, cursor = spool.peek(500)
+            if not batch:  # drained (a torn tail record from a crash is unreadable and skipped)
+                self._spooling = False
+                return True
+            failed = await self._send_records(batch)
+            if failed:
+                await self._disconnect()
+                return False
+            spool.consume(cursor)
+
+    async def _connect(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_connect:
+            return False
+        bootstrap = self.settings.resolved_bootstrap()
+        if not bootstrap:
+            self._backoff()
+            return False
+        from aiokafka import AIOKafkaProducer  # imported here: `import runwatch` stays light
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=self.settings.use_idempotence(),
+            compression_type=self.settings.compression or None,
+            linger_ms=self.settings.linger_ms,
+            max_batch_size=1 << 20,
+            max_request_size=self.settings.max_request_size,
+            request_timeout_ms=self.settings.request_timeout_ms,
+            client_id=f"runwatch-sdk-{os.getpid()}",
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.settings.request_timeout_ms / 1000)
+            await ensure_topics(bootstrap, self.settings)
+        except Exception as exc:
+            try:
+                await producer.stop()
+            except Exception:
+                pass
+            if self._connect_failures == 0:
+                log.warning("runwatch: no broker at %s (%s); events go to the spool until it answers", bootstrap, exc)
+            self._backoff()
+            return False
+        self._producer = producer
+        self._connect_failures = 0
+        self.connected = True
+        return True
+
+    def _backoff(self) -> None:
+        self._connect_failures += 1
+        self._next_connect = time.monotonic() + min(0.5 * 2 ** min(self._connect_failures, 4), 5.0)
+
+    async def _disconnect(self) -> None:
+        self.connected = False
+        self._backoff()
+        await self._stop_producer()
+
+    async def _stop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5)
+            except Exception:
+                pass
+        if self._spool is not None and self._closing:
+            self._spool.close()
+
+
+def _group(run_n: np.ndarray, run_s: np.ndarray):
+    """Yield (run index, numeric positions, string positions) for every run present."""
+    runs = np.union1d(np.unique(run_n), np.unique(run_s))
+    if len(runs) == 1:
+        r = int(runs[0])
+        yield r, np.arange(len(run_n)), np.arange(len(run_s))
+        return
+    order_n = np.argsort(run_n, kind="stable")
+    order_s = np.argsort(run_s, kind="stable")
+    sn, ss = run_n[order_n], run_s[order_s]
+    for r in runs:
+        a, b = np.searchsorted(sn, r), np.searchsorted(sn, r, side="right")
+        c, d = np.searchsorted(ss, r), np.searchsorted(ss, r, side="right")
+        yield int(r), order_n[a:b], order_s[c:d]
+
+
+async def ensure_topics(bootstrap: str, settings: Settings) -> None:
+    """Create runwatch's topics with the configured partitions (brokers auto-create with their own)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=settings.request_timeout_ms)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.topic(t) for t in TOPICS]
+        missing = [NewTopic(t, settings.partitions, 1) for t in wanted if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+# --------------------------------------------------------------------- per-process singleton
+_EMITTERS: dict[tuple, Emitter] = {}
+_EMITTER_LOCK = threading.Lock()
+_LIVE_RUNS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def get_emitter(settings: Settings, *, offline: bool = False) -> Emitter:
+    key = (settings, offline)
+    em = _EMITTERS.get(key)
+    if em is None:
+        with _EMITTER_LOCK:
+            em = _EMITTERS.get(key)
+            if em is None:
+                em = _EMITTERS[key] = Emitter(settings, offline=offline)
+    return em
+
+
+def track_run(run: Any) -> None:
+    _LIVE_RUNS.add(run)
+
+
+def close_all(timeout: float = 10.0) -> None:
+    for em in list(_EMITTERS.values()):
+        try:
+            em.close(timeout)
+        except Exception:
+            log.exception("runwatch: closing the emitter failed")
+
+
+def _after_fork_in_child() -> None:
+    # The parent's thread does not exist here and its buffers are the parent's to send:
+    # start over with empty emitters; live runs drop their cached name indices.
+    global _EMITTER_LOCK
+    _EMITTERS.clear()
+    _EMITTER_LOCK = threading.Lock()
+    for run in list(_LIVE_RUNS):
+        try:
+            run._after_fork()
+        except Exception:
+            pass
+
+
+atexit.register(close_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,577 @@
+"""Workspace, Experiment and Run: Azure ML v1's logging names, feeding the background emitter."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import numbers
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runwatch.client import ApiClient, NotFound, RunwatchError
+from runwatch.events import (DType, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
+                             TagsSet, TERMINAL_STATES)
+from runwatch.settings import Settings
+
+from .emitter import Emitter, get_emitter, track_run
+
+_time = time.time
+_FLOAT, _INT, _BOOL, _STR = DType.float, DType.int, DType.bool, DType.str
+_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
+MAX_TEXT_VALUE = 65_536
+
+
+class MetricError(RunwatchError, ValueError):
+    """A value, name or shape that cannot be logged; raised at the call that passed it."""
+
+
+class MetricTypeError(RunwatchError, TypeError):
+    """A value of a type that cannot be logged; raised at the call that passed it."""
+
+
+# ------------------------------------------------------------------------- validation
+def _coerce(value: Any, call: str, arg: str = "value") -> tuple[DType, Any]:
+    t = type(value)
+    if t is float:
+        return _FLOAT, value
+    if t is int:
+        return _INT, float(value)
+    if t is bool:
+        return _BOOL, float(value)
+    if t is str:
+        if len(value) > MAX_TEXT_VALUE:
+            raise MetricError(f"{call}: {arg} is a string of {len(value)} characters; at most {MAX_TEXT_VALUE}")
+        return _STR, value
+    if isinstance(value, np.generic):
+        if isinstance(value, np.bool_):
+            return _BOOL, float(value)
+        if isinstance(value, np.integer):
+            return _INT, float(value)
+        if isinstance(value, np.floating):
+            return _FLOAT, float(value)
+        if isinstance(value, np.str_):
+            return _STR, str(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return _FLOAT, float(value)
+    if value is None:
+        raise MetricTypeError(f"{call}: {arg} is None; log a number, a bool or a string")
+    raise MetricTypeError(
+        f"{call}: {arg} must be a number, a bool or a string, not {type(value).__name__}"
+        + (" (use log_list for a sequence)" if isinstance(value, (list, tuple, np.ndarray)) else ""))
+
+
+def _check_step(step: Any, call: str) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise MetricTypeError(f"{call}: step must be an integer, not {type(step).__name__}")
+    return int(step)
+
+
+class Run:
+    """A run of an experiment. `Run(experiment, run_id)` reopens an existing run."""
+
+    def __init__(self, experiment: "Experiment", run_id: str, outputs: Any = None, **kwargs: Any):
+        self.experiment = experiment
+        self.id = run_id
+        self._settings = experiment.workspace.settings
+        self._offline = bool(kwargs.pop("_offline", False))
+        self.display_name = kwargs.pop("display_name", None)
+        self.parent_id: str | None = kwargs.pop("parent_id", None)
+        self.run_type = kwargs.pop("run_type", "interactive")
+        self._status = kwargs.pop("status", None)
+        self._properties: dict[str, str] = dict(kwargs.pop("properties", {}) or {})
+        self._tags: dict[str, str | None] = dict(kwargs.pop("tags", {}) or {})
+        fetch = kwargs.pop("_fetch", True)
+        if kwargs:
+            raise TypeError(f"Run() got unexpected argument(s): {', '.join(kwargs)}")
+        self._reset_caches()
+        self._child_count = itertools.count(1)
+        track_run(self)
+        if fetch:
+            self._load_details()
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def _start(cls, experiment: "Experiment", *, display_name: str | None = None, parent: "Run | None" = None,
+               run_id: str | None = None, offline: bool = False, run_type: str = "interactive",
+               properties: Mapping[str, str] | None = None, tags: Mapping[str, Any] | None = None,
+               status: RunStatus = RunStatus.Running, compute_target: str = "local") -> "Run":
+        rid = run_id or f"{experiment.name}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+        run = cls(experiment, rid, display_name=display_name, parent_id=parent.id if parent else None,
+                  run_type=run_type, status=status.value, _offline=offline, _fetch=False)
+        props = _check_str_map(properties or {}, "properties")
+        tag_map = _check_tags(tags or {})
+        run._properties.update(props)
+        run._tags.update(tag_map)
+        run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
+                             compute_target=compute_target, status=status, properties=props, tags=tag_map,
+                             created_ts=time.time()))
+        if status not in TERMINAL_STATES:
+            run._em.open_run(run.id, experiment.name)
+        return run
+
+    @classmethod
+    def get_context(cls, allow_offline: bool = True) -> "Run":
+        """The run the launcher started this process for; elsewhere an offline run (events wait in the spool)."""
+        run_id = os.environ.get("RUNWATCH_RUN_ID")
+        ws = Workspace.from_config()
+        if run_id:
+            exp = Experiment(ws, os.environ.get("RUNWATCH_EXPERIMENT", "default"))
+            run = cls(exp, run_id, run_type="script", status=RunStatus.Running.value, _fetch=False)
+            run._em.open_run(run.id, exp.name)
+            return run
+        if not allow_offline:
+            raise RunwatchError("Run.get_context(): this process was not started by the runwatch launcher")
+        exp = Experiment(ws, os.environ.get("RUNWATCH_EXPERIMENT", "offline"))
+        return cls._start(exp, offline=True, run_type="offline")
+
+    def _reset_caches(self) -> None:
+        self._em: Emitter = get_emitter(self._settings, offline=self._offline)
+        self._fast: dict[str, tuple[int, Any]] = {}
+        self._entries: dict[tuple, int] = {}
+        self._counters: dict[tuple[str, str], Any] = getattr(self, "_counters", {})
+        self._kind_of: dict[str, MetricKind] = getattr(self, "_kind_of", {})
+        self._row_columns: dict[str, tuple[str, ...]] = getattr(self, "_row_columns", {})
+
+    def _after_fork(self) -> None:
+        self._reset_caches()
+
+    # -- metrics: the hot path ------------------------------------------------------------
+    def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
+        """Log a value under `name`; repeated calls make a series (step = call count unless given)."""
+        if step is None and type(value) is float:
+            e = self._fast.get(name)
+            if e is not None:
+                em = self._em
+                buf = em.buf
+                buf.append((e[0], next(e[1]), _time(), value))
+                if len(buf) >= em.batch_max:
+                    em.full()
+                return
+        self._log_slow(name, value, step)
+
+    def _log_slow(self, name: str, value: Any, step: Any) -> None:
+        dtype, v = _coerce(value, "run.log")
+        self._claim(name, MetricKind.scalar, "run.log")
+        counter = self._counter(name, MetricKind.scalar)
+        s = next(counter) if step is None else _check_step(step, "run.log")
+        gidx = self._entry(name, MetricKind.scalar, "", dtype)
+        em = self._em
+        if dtype is _STR:
+            em.sbuf.append((gidx, s, _time(), v))
+        else:
+            em.buf.append((gidx, s, _time(), v))
+            if dtype is _FLOAT:
+                self._fast[name] = (gidx, counter)
+        if len(em.buf) >= em.batch_max:
+            em.full()
+        else:
+            em.ensure_started()
+
+    def log_list(self, name: str, value: Iterable[Any], description: str = "") -> None:
+        """Log a whole list of values (any iterable) as one series; step = index."""
+        self._claim(name, MetricKind.list, "run.log_list")
+        values = _materialise(value, "run.log_list")
+        self._append_column(name, MetricKind.list, "", values, "run.log_list", self._counter(name, MetricKind.list))
+
+    def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
+        """Log one row of the table `name`; repeated calls add rows (columns may not change)."""
+        if not kwargs:
+            raise MetricError("run.log_row: give the row's columns as keyword arguments, e.g. log_row(name, x=1, y=2)")
+        cols = tuple(kwargs)
+        coerced = [(col, *_coerce(v, "run.log_row", f"column {col!r}")) for col, v in kwargs.items()]
+        known = self._row_columns.get(name)
+        if known is not None and set(known) != set(cols):
+            raise MetricError(f"run.log_row: table {name!r} has columns {sorted(known)}; this row has {sorted(cols)}")
+        self._claim(name, MetricKind.row, "run.log_row")
+        self._row_columns.setdefault(name, cols)
+        step = next(self._counter(name, MetricKind.row))
+        t = _time()
+        em = self._em
+        for col, dtype, v in coerced:
+            gidx = self._entry(name, MetricKind.row, col, dtype)
+            (em.sbuf if dtype is _STR else em.buf).append((gidx, step, t, v))
+        em.ensure_started()
+
+    def log_table(self, name: str, value: Mapping[str, Iterable[Any]], description: str = "") -> None:
+        """Log a whole table: a dict of equally long columns."""
+        if not isinstance(value, Mapping) or not value:
+            raise MetricTypeError("run.log_table: value must be a non-empty dict of column name -> list of values")
+        columns = {str(k): _materialise(v, "run.log_table", f"column {k!r}") for k, v in value.items()}
+        lengths = {k: len(v) for k, v in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise MetricError(f"run.log_table: columns of {name!r} differ in length: {lengths}")
+        self._claim(name, MetricKind.table, "run.log_table")
+        counter = self._counter(name, MetricKind.table)
+        n = next(iter(lengths.values()))
+        start = next(counter)
+        if n > 1:  # reserve the block of steps this table uses
+            for _ in range(n - 1):
+                next(counter)
+        for col, vals in columns.items():
+            self._append_column(name, MetricKind.table, col, vals, "run.log_table", None, start=start)
+
+    # -- metrics: helpers -------------------------------------------------------------------
+    def _claim(self, name: str, kind: MetricKind, call: str) -> None:
+        known = self._kind_of.get(name)
+        if known is kind:
+            return
+        if not isinstance(name, str):
+            raise MetricTypeError(f"{call}: name must be a string, not {type(name).__name__}")
+        if not name or not name.strip():
+            raise MetricError(f"{call}: name is empty")
+        if len(name) > self._settings.max_name_length:
+            raise MetricError(f"{call}: name is {len(name)} characters long; at most {self._settings.max_name_length}")
+        if "\x00" in name:
+            raise MetricError(f"{call}: name contains a NUL character")
+        if known is not None:
+            raise MetricError(f"{call}: {name!r} was logged as a {known.value} metric; a name keeps its kind")
+        if len(self._kind_of) >= self._settings.max_metric_names:
+            raise MetricError(
+                f"{call}: run {self.id} already has {len(self._kind_of)} distinct metric names "
+                f"(max_metric_names); {name!r} was not logged")
+        self._kind_of[name] = kind
+
+    def _counter(self, name: str, kind: MetricKind):
+        key = (name, kind.value)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters.setdefault(key, itertools.count())
+        return c
+
+    def _entry(self, name: str, kind: MetricKind, column: str, dtype: DType) -> int:
+        key = (name, kind, column, dtype)
+        gidx = self._entries.get(key)
+        if gidx is None:
+            gidx = self._em.register(self.id, self.experiment.name,
+                                     MetricName(name=name, kind=kind, column=column, dtype=dtype))
+            self._entries[key] = gidx
+        return gidx
+
+    def _append_column(self, name: str, kind: MetricKind, column: str, values: list | np.ndarray, call: str,
+                       counter, start: int | None = None) -> None:
+        n = len(values)
+        if n == 0:
+            return
+        em = self._em
+        t = _time()
+        if counter is not None:
+            start = next(counter)
+            for _ in range(n - 1):
+                next(counter)
+        steps = np.arange(start, start + n, dtype=np.int64)
+        if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+            dtype = {"b": _BOOL, "i": _INT, "u": _INT, "f": _FLOAT}[values.dtype.kind]
+            gidx = self._entry(name, kind, column, dtype)
+            em.chunks.append((np.full(n, gidx, np.uint32), steps, np.full(n, t), values.astype(np.float64)))
+        else:
+            coerced = [_coerce(v, call, f"{column + ' ' if column else ''}item {i}") for i, v in enumerate(values)]
+            nums_idx, nums_step, nums_val = [], [], []
+            for i, (dtype, v) in enumerate(coerced):
+                gidx = self._entry(name, kind, column, dtype)
+                if dtype is _STR:
+                    em.sbuf.append((gidx, int(steps[i]), t, v))
+                else:
+                    nums_idx.append(gidx)
+                    nums_step.append(int(steps[i]))
+                    nums_val.append(v)
+            if nums_idx:
+                k = len(nums_idx)
+                em.chunks.append((np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), np.full(k, t),
+                                  np.array(nums_val, np.float64)))
+        em.ensure_started()
+        if sum(len(c[0]) for c in em.chunks) >= em.batch_max:
+            em.wake()
+
+    # -- tags, properties, lifecycle ---------------------------------------------------------
+    def tag(self, key: str, value: Any = None) -> None:
+        """Set a tag; a tag without a value has value None."""
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        clean = _check_tags(tags)
+        self._tags.update(clean)
+        self._emit(TagsSet(tags=clean))
+
+    def add_properties(self, properties: Mapping[str, Any]) -> None:
+        """Add properties; they are immutable: a property already set cannot change."""
+        clean = _check_str_map(properties, "properties")
+        for k, v in clean.items():
+            if k in self._properties and self._properties[k] != v:
+                raise MetricError(
+                    f"add_properties: property {k!r} is already {self._properties[k]!r}; properties are immutable")
+        self._properties.update(clean)
+        self._emit(PropertiesSet(properties=clean))
+
+    def child_run(self, name: str | None = None, run_id: str | None = None, outputs: Any = None) -> "Run":
+        """Start a child run (any depth). Use it in a `with` block to complete or fail it."""
+        rid = run_id or f"{self.id}_{next(self._child_count)}"
+        return Run._start(self.experiment, display_name=name, parent=self, run_id=rid, offline=self._offline)
+
+    def start(self) -> None:
+        self._set_status(RunStatus.Running)
+
+    def complete(self, _set_status: bool = True) -> None:
+        self._finish(RunStatus.Completed)
+
+    def fail(self, error_details: Any = None, error_code: str | None = None, _set_status: bool = True) -> None:
+        error = {"message": str(error_details) if error_details is not None else "", "code": error_code}
+        self._finish(RunStatus.Failed, error)
+
+    def cancel(self) -> None:
+        self._finish(RunStatus.Canceled)
+
+    def _finish(self, status: RunStatus, error: dict | None = None) -> None:
+        self._set_status(status, error)
+        self._em.close_run(self.id)
+        # Completion is the one place the SDK waits on I/O, bounded: the points logged so far
+        # reach the broker (or the spool) before the run says it is done.
+        self._em.flush(timeout=10.0)
+
+    def _set_status(self, status: RunStatus, error: dict | None = None) -> None:
+        self._status = status.value
+        self._emit(StatusChanged(status=status, error=error))
+
+    def _emit(self, payload: Any) -> None:
+        self._em.send_control(self.id, self.experiment.name, payload)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything logged so far reached the broker or the spool; True when it did."""
+        return self._em.flush(timeout)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.complete()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.cancel()
+        else:
+            self.fail(error_details=f"{exc_type.__name__}: {exc}")
+        return False
+
+    # -- readers (through the read API) -------------------------------------------------------
+    def _api(self) -> ApiClient:
+        return self.experiment.workspace._api()
+
+    def _load_details(self) -> None:
+        details = self._api().get(f"/api/runs/{self.id}")
+        self._apply_details(details)
+
+    def _apply_details(self, d: Mapping[str, Any]) -> None:
+        self.display_name = d.get("display_name") or self.display_name
+        self.parent_id = d.get("parent_run_id") or self.parent_id
+        self.run_type = d.get("run_type") or self.run_type
+        self._status = d.get("status") or self._status
+        self._properties = dict(d.get("properties") or {})
+        self._tags = dict(d.get("tags") or {})
+
+    def get_status(self) -> str:
+        self._status = self._api().get(f"/api/runs/{self.id}")["status"]
+        return self._status
+
+    @property
+    def status(self) -> str | None:
+        return self._status
+
+    def get_details(self) -> dict[str, Any]:
+        d = self._api().get(f"/api/runs/{self.id}")
+        self._apply_details(d)
+        return {
+            "runId": d["run_id"], "experiment": d["experiment"], "status": d["status"],
+            "displayName": d.get("display_name"), "parentRunId": d.get("parent_run_id"),
+            "startTimeUtc": d.get("start_time"), "endTimeUtc": d.get("end_time"),
+            "durationSeconds": d.get("duration_s"), "properties": d.get("properties", {}),
+            "tags": d.get("tags", {}), "error": d.get("error"), "target": d.get("compute_target"),
+            "runType": d.get("run_type"), "droppedPoints": d.get("dropped_points", 0),
+        }
+
+    def get_tags(self) -> dict[str, str | None]:
+        return dict(self._api().get(f"/api/runs/{self.id}")["tags"])
+
+    def get_properties(self) -> dict[str, str]:
+        return dict(self._api().get(f"/api/runs/{self.id}")["properties"])
+
+    def get_metrics(self, name: str | None = None, recursive: bool = False, run_type: str | None = None,
+                    populate: bool = False) -> dict[str, Any]:
+        """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds children by id."""
+        return self._api().get(f"/api/runs/{self.id}/metrics", name=name, recursive=str(bool(recursive)).lower())
+
+    def get_children(self, recursive: bool = False) -> list["Run"]:
+        rows = self._api().get(f"/api/runs/{self.id}/children", recursive=str(bool(recursive)).lower())
+        return [self.experiment._run_from_row(r) for r in rows]
+
+    def get_portal_url(self) -> str:
+        base = self._settings.resolved_api_url() or "http://127.0.0.1:8765"
+        return f"{base.rstrip('/')}/runs/{self.id}"
+
+    def wait_for_completion(self, show_output: bool = False, wait_post_processing: bool = False,
+                            raise_on_error: bool = True, timeout: float | None = None,
+                            poll_interval: float = 0.5) -> dict[str, Any]:
+        """Wait until the run reaches a terminal state; return get_details()."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.get_status()
+            if status in {s.value for s in TERMINAL_STATES}:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.id} is still {status} after {timeout} s")
+            time.sleep(poll_interval)
+        details = self.get_details()
+        if raise_on_error and status == RunStatus.Failed.value:
+            raise RunwatchError(f"run {self.id} failed: {json.dumps(details.get('error'))}")
+        return details
+
+    def __repr__(self) -> str:
+        return (f"Run(Experiment: {self.experiment.name},\nId: {self.id},\nType: {self.run_type},\n"
+                f"Status: {self._status},\nPortal: {self.get_portal_url()})")
+
+
+class Experiment:
+    def __init__(self, workspace: "Workspace", name: str, **kwargs: Any):
+        if not isinstance(name, str) or not _EXPERIMENT_NAME.match(name):
+            raise MetricError(
+                f"Experiment: name {name!r} must be 1-255 characters: letters, digits, '_', '-' or '.', "
+                "starting with a letter or digit")
+        self.workspace = workspace
+        self.name = name
+
+    def start_logging(self, *args: Any, display_name: str | None = None, outputs: Any = None,
+                      snapshot_directory: Any = None, **kwargs: Any) -> Run:
+        """Start an interactive run."""
+        return Run._start(self, display_name=display_name, tags=kwargs.get("tags"),
+                          properties=kwargs.get("properties"))
+
+    def get_runs(self, type: str | None = None, tags: Any = None, properties: Any = None,
+                 include_children: bool = False) -> list[Run]:
+        params: dict[str, Any] = {"experiment": self.name, "include_children": str(include_children).lower()}
+        if type:
+            params["run_type"] = type
+        if tags is not None:
+            params["tag"] = _filter_param(tags)
+        if properties is not None:
+            params["property"] = _filter_param(properties)
+        rows = self.workspace._api().get("/api/runs", **params)
+        return [self._run_from_row(r) for r in rows]
+
+    def _run_from_row(self, row: Mapping[str, Any]) -> Run:
+        exp = self if row.get("experiment") in (None, self.name) else Experiment(self.workspace, row["experiment"])
+        run = Run(exp, row["run_id"], _fetch=False)
+        run._apply_details(row)
+        return run
+
+    def submit(self, config: Any, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> Run:
+        raise NotImplementedError("Experiment.submit arrives with the launcher (docs/roadmap.md)")
+
+    def __repr__(self) -> str:
+        return f"Experiment(Name: {self.name}, Workspace: {self.workspace.name})"
+
+
+class Workspace:
+    """Where runs are sent and read. Without a config file: the embedded stack under RUNWATCH_HOME."""
+
+    def __init__(self, name: str = "local", settings: Settings | None = None, **overrides: Any):
+        self.name = name
+        self.settings = settings or Settings.load(**overrides)
+        self._client: ApiClient | None = None
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "Workspace":
+        cfg_path = Path(path) if path else _find_config()
+        data: dict[str, Any] = {}
+        if cfg_path is not None:
+            try:
+                data = json.loads(Path(cfg_path).read_text())
+            except (OSError, ValueError) as exc:
+                raise RunwatchError(f"Workspace.from_config: cannot read {cfg_path}: {exc}") from None
+            if cfg_path.is_dir():
+                raise RunwatchError(f"Workspace.from_config: {cfg_path} is a directory")
+        name = data.pop("name", data.pop("workspace_name", "local"))
+        settings = {k: v for k, v in data.items() if k in Settings.__dataclass_fields__}
+        settings.update(overrides)
+        return _cached_workspace(name, Settings.load(**settings))
+
+    def _api(self) -> ApiClient:
+        if self._client is None:
+            self._client = ApiClient(self.settings)
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"Workspace(name={self.name!r}, home={str(self.settings.home)!r})"
+
+
+_WORKSPACES: dict[tuple, Workspace] = {}
+
+
+def _cached_workspace(name: str, settings: Settings) -> Workspace:
+    key = (name, settings)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = Workspace(name, settings)
+    return ws
+
+
+def _find_config() -> Path | None:
+    here = Path.cwd()
+    for d in (here, *here.parents):
+        p = d / ".runwatch" / "config.json"
+        if p.is_file():
+            return p
+    return None
+
+
+def _materialise(value: Any, call: str, arg: str = "value") -> list | np.ndarray:
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise MetricError(f"{call}: {arg} must be one-dimensional, not of shape {value.shape}")
+        return value
+    if isinstance(value, (str, bytes)) or value is None or not isinstance(value, Iterable):
+        raise MetricTypeError(f"{call}: {arg} must be an iterable of values, not {type(value).__name__}")
+    return list(value)
+
+
+def _check_tags(tags: Mapping[str, Any]) -> dict[str, str | None]:
+    if not isinstance(tags, Mapping):
+        raise MetricTypeError(f"tags must be a dict, not {type(tags).__name__}")
+    out: dict[str, str | None] = {}
+    for k, v in tags.items():
+        if not isinstance(k, str) or not k:
+            raise MetricError(f"tag name must be a non-empty string, not {k!r}")
+        if v is None or isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, (int, float, bool, np.generic)):
+            out[k] = str(v)
+        else:
+            raise MetricTypeError(f"tag {k!r}: value must be a string or None, not {type(v).__name__}")
+    return out
+
+
+def _check_str_map(values: Mapping[str, Any], what: str) -> dict[str, str]:
+    if not isinstance(values, Mapping):
+        raise MetricTypeError(f"{what} must be a dict, not {type(values).__name__}")
+    out = {}
+    for k, v in values.items():
+        if not isinstance(k, str) or not k:
+            raise MetricError(f"{what}: name must be a non-empty string, not {k!r}")
+        if v is None or isinstance(v, (list, dict, tuple, set)):
+            raise MetricTypeError(f"{what}: {k!r} must be a string, not {type(v).__name__}")
+        out[k] = str(v)
+    return out
+
+
+def _filter_param(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [f"{k}={v}" if v is not None else str(k) for k, v in value.items()]
+    return [str(v) for v in value]
+
+
+__all__ = ["Workspace", "Experiment", "Run", "MetricError", "MetricTypeError"]

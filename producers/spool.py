@@ -1,0 +1,218 @@
+"""The on-disk spool: encoded messages kept in order while the broker is away, bounded in bytes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+_LEN = struct.Struct("<I")
+SEGMENT_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    run_id: str
+    points: int
+
+    def pack(self) -> bytes:
+        body = msgpack.packb([self.topic, self.key, self.value, self.run_id, self.points], use_bin_type=True)
+        return _LEN.pack(len(body)) + body
+
+
+class SpoolFull(Exception):
+    """The spool's bound was hit; the record was not written."""
+
+
+class Spool:
+    """One process's spool: a directory of numbered segment files read oldest first.
+
+    The directory is locked (flock) by its owner while it lives, so `runwatch sync`
+    only drains spools whose process has gone. A segment is deleted once every record
+    in it was acknowledged by the broker; a crash mid-segment resends that segment
+    (downstream stages drop the repeats by (source, seq)).
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, *, lock: bool = True):
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self._lock_fh = None
+        self._writer = None
+        self._write_seg = 0
+        self._read_seg = 0
+        self._read_pos = 0
+        self._bytes = 0
+        self._opened = False
+        self._lock = lock
+
+    # -- opening -------------------------------------------------------------------
+    def _open(self) -> None:
+        if self._opened:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self._lock:
+            self._lock_fh = open(self.dir / "lock", "a+")
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        segs = self._segments()
+        self._bytes = sum(p.stat().st_size for p in segs)
+        self._read_seg = int(segs[0].stem) if segs else 1
+        self._write_seg = int(segs[-1].stem) if segs else 1
+        self._opened = True
+
+    @classmethod
+    def try_claim(cls, directory: Path, max_bytes: int) -> "Spool | None":
+        """Open another process's spool for draining, or None while its owner still holds it."""
+        spool = cls(directory, max_bytes)
+        try:
+            spool._open()
+        except BlockingIOError:
+            if spool._lock_fh:
+                spool._lock_fh.close()
+            return None
+        return spool
+
+    def _segments(self) -> list[Path]:
+        return sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem))
+
+    def _seg_path(self, n: int) -> Path:
+        return self.dir / f"{n:08d}.seg"
+
+    # -- writing -------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def is_empty(self) -> bool:
+        return not self._opened or self._bytes == 0
+
+    def append(self, records: list[Record]) -> list[Record]:
+        """Write records in order; return those refused because the bound was hit."""
+        self._open()
+        refused: list[Record] = []
+        for rec in records:
+            data = rec.pack()
+            if self._bytes + len(data) > self.max_bytes:
+                refused.append(rec)
+                continue
+            try:
+                self._write(data)
+            except OSError:  # disk full and the like: count it, never raise into training
+                refused.append(rec)
+        if self._writer is not None:
+            try:
+                self._writer.flush()
+            except OSError:
+                pass
+        return refused
+
+    def _write(self, data: bytes) -> None:
+        if self._writer is None or self._writer.tell() >= SEGMENT_BYTES:
+            if self._writer is not None:
+                self._writer.close()
+                self._write_seg += 1
+            self._writer = open(self._seg_path(self._write_seg), "ab")
+        self._writer.write(data)
+        self._bytes += len(data)
+
+    # -- reading -------------------------------------------------------------------
+    def peek(self, max_records: int = 500) -> tuple[list[Record], tuple[int, int]]:
+        """The oldest unsent records, and a cursor to pass to `consume` once they are acked."""
+        self._open()
+        if self._writer is not None:
+            self._writer.flush()
+        out: list[Record] = []
+        seg, pos = self._read_seg, self._read_pos
+        while len(out) < max_records:
+            path = self._seg_path(seg)
+            if not path.exists():
+                if seg < self._write_seg:
+                    seg, pos = seg + 1, 0
+                    continue
+                break
+            with open(path, "rb") as fh:
+                fh.seek(pos)
+                while len(out) < max_records:
+                    head = fh.read(4)
+                    if len(head) < 4:
+                        break
+                    (n,) = _LEN.unpack(head)
+                    body = fh.read(n)
+                    if len(body) < n:  # a torn write at a crash: the rest of this segment is unusable
+                        break
+                    t, k, v, r, p = msgpack.unpackb(body, raw=False)
+                    out.append(Record(t, k, v, r, p))
+                    pos += 4 + n
+            if len(out) >= max_records or seg >= self._write_seg:
+                break
+            seg, pos = seg + 1, 0
+        return out, (seg, pos)
+
+    def consume(self, cursor: tuple[int, int]) -> None:
+        """Forget everything before `cursor`; delete segments that were read whole."""
+        seg, pos = cursor
+        for n in range(self._read_seg, seg):
+            path = self._seg_path(n)
+            try:
+                self._bytes -= path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self._read_seg, self._read_pos = seg, pos
+        path = self._seg_path(seg)
+        if seg == self._write_seg and path.exists() and pos >= path.stat().st_size:
+            # the writer's segment was read whole: start a fresh one
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self._bytes -= path.stat().st_size
+            path.unlink()
+            self._write_seg += 1
+            self._read_seg, self._read_pos = self._write_seg, 0
+        if self._bytes <= 0:
+            self._bytes = 0
+
+    def iter_all(self) -> Iterator[Record]:
+        self._open()
+        seg, pos = self._read_seg, self._read_pos
+        while True:
+            batch, cursor = self.peek(1000)
+            if not batch:
+                break
+            yield from batch
+            self._read_seg, self._read_pos = cursor
+        self._read_seg, self._read_pos = seg, pos
+
+    def close(self, *, remove_if_empty: bool = True) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._opened and remove_if_empty and self._bytes == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+        self._opened = False
+
+
+def spool_root(home: Path) -> Path:
+    return Path(home) / "spool"
+
+
+def pending_spools(home: Path) -> list[Path]:
+    root = spool_root(home)
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+def spool_dir_for(home: Path, source_key: str) -> Path:
+    return spool_root(home) / source_key.replace(":", "-").replace(os.sep, "_")

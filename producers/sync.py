@@ -1,0 +1,60 @@
+"""`runwatch sync`: send the spools that processes left behind (offline runs, a broker that never came back)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from runwatch.client import StackNotRunning
+from runwatch.settings import Settings
+
+from .emitter import ensure_topics
+from .spool import Spool, pending_spools
+
+
+def sync_spools(settings: Settings, progress: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+    bootstrap = settings.resolved_bootstrap()
+    if not bootstrap:
+        raise StackNotRunning(None)
+    return asyncio.run(_sync(settings, bootstrap, progress))
+
+
+async def _sync(settings: Settings, bootstrap: str, progress) -> dict[str, int]:
+    from aiokafka import AIOKafkaProducer
+
+    result = {"spools": 0, "events": 0, "busy": 0}
+    dirs = pending_spools(settings.home)
+    if not dirs:
+        return result
+    await ensure_topics(bootstrap, settings)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.use_idempotence(),
+                                compression_type=settings.compression or None, max_batch_size=1 << 20,
+                                max_request_size=settings.max_request_size,
+                                request_timeout_ms=settings.request_timeout_ms)
+    await producer.start()
+    try:
+        for d in dirs:
+            spool = Spool.try_claim(d, settings.spool_max_bytes)
+            if spool is None:  # its process is alive and will send it itself
+                result["busy"] += 1
+                continue
+            sent = 0
+            while True:
+                batch, cursor = spool.peek(500)
+                if not batch:
+                    break
+                futures = [await producer.send(r.topic, r.value, key=r.key) for r in batch]
+                await asyncio.gather(*futures)
+                spool.consume(cursor)
+                sent += len(batch)
+            spool.close(remove_if_empty=True)
+            if not any(d.glob("*.seg")):
+                for leftover in d.iterdir():
+                    leftover.unlink()
+                d.rmdir()
+            result["spools"] += 1
+            result["events"] += sent
+            progress(f"  {d.name}: {sent} events sent")
+    finally:
+        await producer.stop()
+    return result

@@ -1,0 +1,151 @@
+"""The read API (HTTP, JSON), served by the worker that owns the ClickHouse data (docs/api.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import html
+import json
+import logging
+import math
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from sinks.queries import Queries
+
+log = logging.getLogger("runwatch.api")
+
+
+def _dumps(value: Any) -> str:
+    # NaN and ±inf are written as JSON's NaN / Infinity tokens, which Python's json (and so the SDK) reads back
+    return json.dumps(value, default=str)
+
+
+def _bool(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+class ReadApi:
+    def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], token: str | None = None):
+        self.queries = queries
+        self.health_fn = health
+        self.token = token
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runwatch-api")
+        self.app = web.Application(middlewares=[self._errors])
+        r = self.app.router
+        r.add_get("/api/health", self.health)
+        r.add_get("/api/experiments", self.experiments)
+        r.add_get("/api/runs", self.runs)
+        r.add_get("/api/runs/{run_id}", self.run)
+        r.add_get("/api/runs/{run_id}/metrics", self.metrics)
+        r.add_get("/api/runs/{run_id}/children", self.children)
+        r.add_get("/api/runs/{run_id}/history", self.history)
+        r.add_get("/runs/{run_id}", self.run_page)
+        self.runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        if self.token and request.path.startswith("/api/") and request.path != "/api/health":
+            if request.headers.get("Authorization") != f"Bearer {self.token}":
+                return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except LookupError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except Exception as exc:  # the API stays up; the caller gets the reason
+            log.exception("read API error on %s", request.path)
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+
+    async def _q(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    def _json(self, value: Any, status: int = 200) -> web.Response:
+        return web.json_response(value, status=status, dumps=_dumps)
+
+    async def start(self, host: str, port: int) -> int:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp exposes no bound port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # -- handlers ---------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        info = self.health_fn()
+        try:
+            info["rows"] = await self._q(self.queries.counts)
+        except Exception as exc:
+            info["rows"] = {}
+            info["clickhouse_error"] = str(exc)
+        return self._json(info)
+
+    async def experiments(self, request: web.Request) -> web.Response:
+        return self._json(await self._q(self.queries.experiments))
+
+    async def runs(self, request: web.Request) -> web.Response:
+        q = request.query
+        limit = int(q.get("limit", "1000"))
+        if not 1 <= limit <= 100_000:
+            raise ValueError("limit must be between 1 and 100000")
+        rows = await self._q(
+            self.queries.runs, experiment=q.get("experiment"), status=q.getall("status", []) or None,
+            compute_target=q.get("compute_target"), tags=q.getall("tag", []) or None,
+            properties=q.getall("property", []) or None, parent=q.get("parent"),
+            include_children=_bool(q.get("include_children")), run_type=q.get("run_type"),
+            metrics=q.getall("metric", []) or None, sort_metric=q.get("sort_metric"), sort=q.get("sort", "max"),
+            order=q.get("order", "desc"), limit=limit)
+        return self._json(rows)
+
+    async def _get_run(self, run_id: str) -> dict[str, Any]:
+        run = await self._q(self.queries.run, run_id)
+        if run is None:
+            raise LookupError(f"no run {run_id!r}")
+        return run
+
+    async def run(self, request: web.Request) -> web.Response:
+        return self._json(await self._get_run(request.match_info["run_id"]))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        await self._get_run(run_id)
+        return self._json(await self._q(self.queries.metrics, run_id, request.query.get("name"),
+                                        _bool(request.query.get("recursive"))))
+
+    async def children(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        return self._json(await self._q(self.queries.children, run_id, _bool(request.query.get("recursive"))))
+
+    async def history(self, request: web.Request) -> web.Response:
+        return self._json(await self._q(self.queries.history, request.match_info["run_id"]))
+
+    async def run_page(self, request: web.Request) -> web.Response:
+        run = await self._get_run(request.match_info["run_id"])
+        aggs = (await self._q(self.queries.aggregates, [run["run_id"]])).get(run["run_id"], {})
+        e = html.escape
+        rows = "".join(f"<tr><td>{e(k)}</td><td>{v['count']}</td><td>{_fmt(v['min'])}</td><td>{_fmt(v['max'])}</td>"
+                       f"<td>{e(str(v['last']))}</td></tr>" for k, v in sorted(aggs.items()))
+        body = (f"<html><head><title>{e(run['run_id'])}</title></head><body>"
+                f"<h1>{e(run['experiment'])} / {e(run['run_id'])}</h1>"
+                f"<p>Status: <b>{e(run['status'])}</b> &middot; started {e(str(run['start_time']))} &middot; "
+                f"ended {e(str(run['end_time']))}</p><p>Tags: {e(json.dumps(run['tags']))}</p>"
+                f"<table border=1><tr><th>metric</th><th>count</th><th>min</th><th>max</th><th>last</th></tr>{rows}"
+                f"</table></body></html>")
+        return web.Response(text=body, content_type="text/html")
+
+
+def _fmt(x: Any) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def started_at() -> float:
+    return time.time()

@@ -1,0 +1,263 @@
+"""The `runwatch` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .client import ApiClient, NotFound, RunwatchError, StackNotRunning
+from .settings import Settings
+
+app = typer.Typer(help="runwatch: self-hosted run monitoring for machine-learning training.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+runs_app = typer.Typer(help="List and show runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+console = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", help="RUNWATCH_HOME (default: $RUNWATCH_HOME or ~/.runwatch).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _settings(home: Optional[Path]) -> Settings:
+    return Settings.load(home=home)
+
+
+def _client(home: Optional[Path]) -> ApiClient:
+    return ApiClient(_settings(home))
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _call(fn):
+    try:
+        return fn()
+    except StackNotRunning as exc:
+        _fail(str(exc), 3)
+    except NotFound as exc:
+        _fail(str(exc), 4)
+    except RunwatchError as exc:
+        _fail(str(exc))
+
+
+# ------------------------------------------------------------------------------ the stack
+@app.command()
+def up(home: Optional[Path] = HomeOpt) -> None:
+    """Start the embedded stack (broker, worker with processors, sink and read API) and wait until it is ready."""
+    from .stack import StackError, up as stack_up
+
+    settings = _settings(home)
+    try:
+        with console.status("starting runwatch") as st:
+            result = stack_up(settings, progress=lambda s: st.update(s))
+    except StackError as exc:
+        _fail(str(exc))
+    rec = result.record
+    what = ", ".join(result.started) if result.started else "nothing (already running)"
+    console.print(f"runwatch is up in {result.seconds:.1f} s (started: {what})")
+    console.print(f"  broker    {rec['bootstrap_servers']}   (Tansu, in memory)")
+    console.print(f"  read API  {rec['api_url']}")
+    console.print(f"  data      {settings.home}")
+    console.print("Stop it with `runwatch down`; see its health with `runwatch status`.")
+
+
+@app.command()
+def down(home: Optional[Path] = HomeOpt) -> None:
+    """Stop the embedded stack."""
+    from .stack import down as stack_down
+
+    stopped = stack_down(_settings(home))
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Health of each part, consumer lag and row counts."""
+    from .stack import status as stack_status
+
+    settings = _settings(home)
+    info = stack_status(settings)
+    if as_json:
+        _print_json(info)
+        raise typer.Exit(0 if info["running"] else 3)
+    if not info["recorded"] and not info["worker"]["health"]:
+        _fail(f"the stack is not running under {settings.home}. Start it with `runwatch up`.", 3)
+    h = info["worker"]["health"] or {}
+    t = Table(title=f"runwatch at {settings.home}")
+    t.add_column("part")
+    t.add_column("state")
+    t.add_column("details")
+    t.add_row("broker", _ok(info["broker"]["alive"]), f"{info['broker']['address']} pid {info['broker']['pid']}")
+    t.add_row("worker", _ok(bool(h)), f"{info['worker']['api_url']} pid {info['worker']['pid']}")
+    if h:
+        p, s = h["processors"], h["sink"]
+        t.add_row("processors", _ok(p["ready"]), f"events {p['events']}, dead letters {p['dead_letters']}")
+        lag = sum(s["lag"].values())
+        t.add_row("sink", _ok(s["ready"] and not s["error"]),
+                  f"lag {lag} messages, batches {s['batches']}" + (f", error: {s['error']}" if s["error"] else ""))
+        t.add_row("ClickHouse", _ok("clickhouse_error" not in h),
+                  ", ".join(f"{k} {v}" for k, v in h.get("rows", {}).items()))
+    console.print(t)
+    raise typer.Exit(0 if info["running"] else 3)
+
+
+def _ok(flag: bool) -> str:
+    return "[green]ok[/green]" if flag else "[red]down[/red]"
+
+
+@app.command(hidden=True)
+def worker() -> None:
+    """Run the worker process in the foreground (what `runwatch up` starts)."""
+    from .worker import run
+
+    run(Settings.load())
+
+
+@app.command()
+def sync(home: Optional[Path] = HomeOpt) -> None:
+    """Send spooled events (from offline runs, or processes that ended while the broker was away)."""
+    from producers.sync import sync_spools
+
+    settings = _settings(home)
+    try:
+        result = sync_spools(settings, progress=lambda s: console.print(s, highlight=False))
+    except RunwatchError as exc:
+        _fail(str(exc), 3)
+    console.print(f"sent {result['events']} events from {result['spools']} spool(s); "
+                  f"{result['busy']} still owned by a running process")
+
+
+# ------------------------------------------------------------------------------ reading
+@app.command()
+def experiments(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Every experiment with its runs by status and its latest activity."""
+    rows = _call(lambda: _client(home).get("/api/experiments"))
+    if as_json:
+        return _print_json(rows)
+    t = Table("experiment", "runs", "by status", "latest activity")
+    for r in rows:
+        t.add_row(r["name"], str(r["runs"]), ", ".join(f"{k} {v}" for k, v in r["by_status"].items()),
+                  str(r["latest_activity"]))
+    console.print(t)
+
+
+@runs_app.command("list")
+def runs_list(experiment: Optional[str] = typer.Option(None, "--experiment", "-e"),
+              status_: Optional[list[str]] = typer.Option(None, "--status", help="Repeat for several."),
+              tag: Optional[list[str]] = typer.Option(None, "--tag", help="NAME or NAME=VALUE; repeat for several."),
+              metric: Optional[str] = typer.Option(None, "--metric", help="Show (and sort by) this metric."),
+              sort: str = typer.Option("min", "--sort", help="min, max or last: which aggregate sorts the runs."),
+              descending: bool = typer.Option(False, "--desc", help="Largest first."),
+              include_children: bool = typer.Option(False, "--children", help="Include child runs."),
+              limit: int = typer.Option(100, "--limit"),
+              home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Runs, newest first, or sorted by a metric's min, max or last value (`--metric loss --sort min`)."""
+    if sort not in ("min", "max", "last"):
+        _fail(f"--sort must be min, max or last, not {sort!r}", 2)
+    params = dict(experiment=experiment, status=status_ or None, tag=tag or None, limit=limit,
+                  include_children=str(include_children).lower())
+    if metric:
+        params.update(sort_metric=metric, sort=sort, order="desc" if descending else "asc", metric=metric)
+    rows = _call(lambda: _client(home).get("/api/runs", **params))
+    if as_json:
+        return _print_json(rows)
+    t = Table("run", "experiment", "status", "started", "duration s", *([f"{metric} {sort}"] if metric else []))
+    for r in rows:
+        extra = []
+        if metric:
+            m = (r.get("metrics") or {}).get(metric)
+            extra = [_num(m.get(sort)) if m else ""]
+        t.add_row(r["run_id"], r["experiment"], r["status"], str(r["start_time"] or ""),
+                  _num(r["duration_s"]), *extra)
+    console.print(t)
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.6g}"
+    return str(x)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """One run's details: status, times, tags, properties, error, children."""
+    client = _client(home)
+    run = _call(lambda: client.get(f"/api/runs/{run_id}"))
+    run["children"] = _call(lambda: client.get(f"/api/runs/{run_id}/children"))
+    run["history"] = _call(lambda: client.get(f"/api/runs/{run_id}/history"))
+    if as_json:
+        return _print_json(run)
+    for k in ("run_id", "experiment", "display_name", "status", "start_time", "end_time", "duration_s",
+              "parent_run_id", "tags", "properties", "error", "dropped_points"):
+        console.print(f"[bold]{k:>15}[/bold]  {run.get(k)}", highlight=False)
+    if run["children"]:
+        console.print("       children  " + ", ".join(f"{c['run_id']} ({c['status']})" for c in run["children"]))
+    console.print("        history  " + " -> ".join(h["to"] + ("" if h["applied"] else " (rejected)")
+                                                    for h in run["history"]))
+
+
+@app.command()
+def metrics(run_id: str, name: Optional[str] = typer.Option(None, "--name", "-n"),
+            recursive: bool = typer.Option(False, "--recursive", help="Include child runs."),
+            home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """A run's metrics in the get_metrics() shape."""
+    data = _call(lambda: _client(home).get(f"/api/runs/{run_id}/metrics", name=name,
+                                           recursive=str(recursive).lower()))
+    if as_json:
+        return _print_json(data)
+    _print_metrics(data)
+
+
+def _print_metrics(data: dict[str, Any]) -> None:
+    t = Table("metric", "value")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            text = "; ".join(f"{c}: {_short(vals)}" for c, vals in v.items())
+        else:
+            text = _short(v)
+        t.add_row(k, text)
+    console.print(t)
+
+
+def _short(v: Any, n: int = 8) -> str:
+    if isinstance(v, list):
+        shown = ", ".join(_num(x) for x in v[:n])
+        return f"[{shown}{', …' if len(v) > n else ''}] ({len(v)} values)"
+    return _num(v)
+
+
+@app.command()
+def demo(home: Optional[Path] = HomeOpt, steps: int = typer.Option(300, help="Training steps of the sample run."),
+         keep: bool = typer.Option(True, help="Leave the stack running afterwards.")) -> None:
+    """Bring the stack up and run a sample training that logs every metric kind, shown live."""
+    from .demo import run_demo
+
+    code = run_demo(_settings(home), steps=steps, console=console, keep=keep)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

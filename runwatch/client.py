@@ -1,0 +1,82 @@
+"""The read API's client: what the SDK readers and the CLI use to ask the stack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .settings import Settings
+
+
+class RunwatchError(Exception):
+    """Base class of the errors runwatch raises on purpose."""
+
+
+class StackNotRunning(RunwatchError):
+    def __init__(self, where: str | None):
+        where_text = f"no read API answers at {where}" if where else "no stack is recorded"
+        super().__init__(f"runwatch: the stack is not running ({where_text}). Start it with `runwatch up`.")
+
+
+class NotFound(RunwatchError, LookupError):
+    pass
+
+
+class ApiError(RunwatchError):
+    pass
+
+
+class ApiClient:
+    def __init__(self, settings: Settings, timeout: float = 30.0):
+        self.settings = settings
+        self.timeout = timeout
+        self._client: httpx.Client | None = None
+        self._base: str | None = None
+
+    def _http(self) -> httpx.Client:
+        base = self.settings.resolved_api_url()
+        if not base:
+            raise StackNotRunning(None)
+        if self._client is None or base != self._base:
+            if self._client is not None:
+                self._client.close()
+            headers = {"Authorization": f"Bearer {self.settings.api_token}"} if self.settings.api_token else {}
+            self._client = httpx.Client(base_url=base, timeout=self.timeout, headers=headers)
+            self._base = base
+        return self._client
+
+    def get(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v is not None}
+        try:
+            resp = self._http().get(path, params=clean)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise StackNotRunning(self._base) from exc
+        return _result(resp)
+
+    def post(self, path: str, body: Any) -> Any:
+        try:
+            resp = self._http().post(path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise StackNotRunning(self._base) from exc
+        return _result(resp)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _result(resp: httpx.Response) -> Any:
+    if resp.status_code == 404:
+        raise NotFound(_message(resp))
+    if resp.status_code >= 400:
+        raise ApiError(f"read API error {resp.status_code}: {_message(resp)}")
+    return resp.json()
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error", resp.text))
+    except ValueError:
+        return resp.text

@@ -1,0 +1,102 @@
+"""The worker process: the Faust processors, the ClickHouse sink and the read API on one event loop.
+
+It owns the chDB directory (chDB allows one process per data directory), so in the
+embedded deployment it is also the only reader: everyone else asks the read API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger("runwatch.worker")
+
+
+def clickhouse_client(settings: Settings):
+    import clickhouse_connect
+
+    url = settings.clickhouse_url or f"chdb://{settings.home / 'chdb'}"
+    return clickhouse_connect.get_client(dsn=url)
+
+
+def run(settings: Settings) -> None:
+    import faust
+
+    from processors.app import Processors
+    from producers.emitter import ensure_topics
+    from sinks.queries import Queries
+    from sinks.schema import migrate
+    from sinks.writer import ClickHouseSink
+
+    from .api import ReadApi
+
+    bootstrap = settings.resolved_bootstrap()
+    if not bootstrap:
+        raise SystemExit("runwatch worker: no broker address (set RUNWATCH_BOOTSTRAP_SERVERS or run `runwatch up`)")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    asyncio.run(_retry(lambda: ensure_topics(bootstrap, settings)))
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+    writer_client = clickhouse_client(settings)
+    version = migrate(writer_client)
+    reader_client = clickhouse_client(settings)
+    procs = Processors(settings, bootstrap)
+    sink = ClickHouseSink(settings, writer_client, bootstrap)
+    started = time.time()
+
+    def health() -> dict[str, Any]:
+        return {
+            "ready": procs.ready and sink.ready,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - started, 3),
+            "schema_version": version,
+            "processors": {"ready": procs.ready, "events": procs.events, "dead_letters": procs.dead_letters,
+                           "errors": procs.errors},
+            "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
+                     "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped,
+                     "dead_letters": sink.stats.dead_letters, "lag": dict(sink.stats.lag),
+                     "retries": sink.stats.insert_retries},
+            "broker": bootstrap,
+        }
+
+    api = ReadApi(Queries(reader_client), health, settings.api_token)
+    state_file = settings.home / "worker.json"
+
+    @procs.app.task
+    async def start_services() -> None:
+        port = await api.start(settings.api_host, settings.api_port)
+        _write_json(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
+        asyncio.ensure_future(sink.run_forever())
+
+    worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
+                          redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        try:
+            state_file.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def _retry(fn, attempts: int = 20, delay: float = 0.25):
+    for i in range(attempts):
+        try:
+            return await fn()
+        except Exception:
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(delay)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

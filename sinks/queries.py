@@ -1,0 +1,226 @@
+"""The read queries behind the read API. Every user value is a bound parameter, never pasted into SQL."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+DB = "runwatch"
+RUN_COLUMNS = ("run_id, experiment, display_name, parent_run_id, run_type, compute_target, status, created_time, "
+               "start_time, end_time, properties, tags_json, error, dropped_points, illegal_transitions, version")
+SORTS = {"min", "max", "last", "first", "count"}
+TABLES = ("metric_points", "metric_aggregates", "runs", "status_history", "log_lines", "alerts", "dead_letters")
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.isoformat()
+    return str(value)
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def _num(x: Any) -> Any:
+    return x  # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
+
+
+def run_row(r: tuple) -> dict[str, Any]:
+    (run_id, experiment, display_name, parent, run_type, target, status, created, start, end, props, tags_json,
+     error, dropped, illegal, version) = r
+    s, e = _seconds(start), _seconds(end)
+    return {
+        "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
+        "run_type": run_type, "compute_target": target, "status": status, "created_time": _iso(created),
+        "start_time": _iso(start), "end_time": _iso(end),
+        "duration_s": round(e - s, 6) if s is not None and e is not None else None,
+        "properties": dict(props), "tags": json.loads(tags_json) if tags_json else {},
+        "error": json.loads(error) if error else None, "dropped_points": int(dropped),
+        "illegal_transitions": int(illegal), "version": int(version),
+    }
+
+
+class Queries:
+    def __init__(self, client):
+        self.client = client
+
+    def _rows(self, sql: str, **params: Any) -> list[tuple]:
+        return self.client.query(sql, parameters=params).result_rows
+
+    # -- experiments and runs ----------------------------------------------------------------
+    def experiments(self) -> list[dict[str, Any]]:
+        rows = self._rows(f"""
+            SELECT experiment, count() AS runs, groupArray(status) AS statuses, max(created_time) AS latest
+            FROM {DB}.runs FINAL WHERE parent_run_id IS NULL GROUP BY experiment ORDER BY latest DESC""")
+        out = []
+        for name, n, statuses, latest in rows:
+            by_status: dict[str, int] = {}
+            for s in statuses:
+                by_status[s] = by_status.get(s, 0) + 1
+            out.append({"name": name, "runs": int(n), "by_status": by_status, "latest_activity": _iso(latest)})
+        return out
+
+    def runs(self, *, experiment: str | None = None, status: list[str] | None = None,
+             compute_target: str | None = None, tags: list[str] | None = None, properties: list[str] | None = None,
+             parent: str | None = None, include_children: bool = False, run_type: str | None = None,
+             metrics: list[str] | None = None, sort_metric: str | None = None, sort: str = "max",
+             order: str = "desc", limit: int = 1000) -> list[dict[str, Any]]:
+        where, params = ["1"], {}
+        if experiment is not None:
+            where.append("r.experiment = {experiment:String}")
+            params["experiment"] = experiment
+        if status:
+            where.append("r.status IN {status:Array(String)}")
+            params["status"] = list(status)
+        if compute_target is not None:
+            where.append("r.compute_target = {target:String}")
+            params["target"] = compute_target
+        if run_type is not None:
+            where.append("r.run_type = {run_type:String}")
+            params["run_type"] = run_type
+        if parent is not None:
+            where.append("r.parent_run_id = {parent:String}")
+            params["parent"] = parent
+        elif not include_children:
+            where.append("r.parent_run_id IS NULL")
+        for i, t in enumerate(tags or []):
+            k, eq, v = t.partition("=")
+            params[f"tk{i}"] = k
+            if eq:
+                where.append(f"mapContains(r.tags, {{tk{i}:String}}) AND r.tags[{{tk{i}:String}}] = {{tv{i}:String}}")
+                params[f"tv{i}"] = v
+            else:
+                where.append(f"mapContains(r.tags, {{tk{i}:String}})")
+        for i, t in enumerate(properties or []):
+            k, eq, v = t.partition("=")
+            params[f"pk{i}"] = k
+            if eq:
+                where.append(f"r.properties[{{pk{i}:String}}] = {{pv{i}:String}}")
+                params[f"pv{i}"] = v
+            else:
+                where.append(f"mapContains(r.properties, {{pk{i}:String}})")
+        if sort not in SORTS:
+            raise ValueError(f"sort must be one of {sorted(SORTS)}, not {sort!r}")
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be asc or desc, not {order!r}")
+        params["limit"] = int(limit)
+        wanted = list(dict.fromkeys((metrics or []) + ([sort_metric] if sort_metric else [])))
+        if sort_metric:
+            params["sort_metric"] = sort_metric
+            qualified = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
+            sql = f"""
+                SELECT {qualified} FROM {DB}.runs AS r FINAL
+                LEFT JOIN (SELECT run_id, {sort} AS sort_value FROM {DB}.metric_aggregates FINAL
+                           WHERE name = {{sort_metric:String}} AND column = '') AS a ON a.run_id = r.run_id
+                WHERE {' AND '.join(where)}
+                ORDER BY isNull(a.sort_value) OR isNaN(a.sort_value), a.sort_value {order.upper()}, r.created_time DESC
+                LIMIT {{limit:UInt32}}"""
+        else:
+            sql = f"""SELECT {RUN_COLUMNS} FROM {DB}.runs AS r FINAL WHERE {' AND '.join(where)}
+                      ORDER BY r.created_time DESC LIMIT {{limit:UInt32}}"""
+        runs = [run_row(r) for r in self._rows(sql, **params)]
+        if wanted and runs:
+            aggs = self.aggregates([r["run_id"] for r in runs], wanted)
+            for r in runs:
+                r["metrics"] = aggs.get(r["run_id"], {})
+        return runs
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._rows(f"SELECT {RUN_COLUMNS} FROM {DB}.runs FINAL WHERE run_id = {{run_id:String}}",
+                          run_id=run_id)
+        return run_row(rows[0]) if rows else None
+
+    def children(self, run_id: str, recursive: bool = False) -> list[dict[str, Any]]:
+        out, frontier = [], [run_id]
+        while frontier:
+            rows = [run_row(r) for r in self._rows(
+                f"SELECT {RUN_COLUMNS} FROM {DB}.runs FINAL WHERE parent_run_id IN {{ids:Array(String)}} "
+                "ORDER BY created_time", ids=frontier)]
+            out += rows
+            frontier = [r["run_id"] for r in rows] if recursive else []
+        return out
+
+    def history(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._rows(f"""SELECT ts, from_status, to_status, applied, reason FROM {DB}.status_history FINAL
+                              WHERE run_id = {{run_id:String}} ORDER BY ts""", run_id=run_id)
+        return [{"ts": _iso(ts), "from": f or None, "to": t, "applied": bool(a), "reason": reason}
+                for ts, f, t, a, reason in rows]
+
+    # -- metrics ------------------------------------------------------------------------------
+    def aggregates(self, run_ids: list[str], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        where = "run_id IN {ids:Array(String)}"
+        params: dict[str, Any] = {"ids": run_ids}
+        if names:
+            where += " AND name IN {names:Array(String)}"
+            params["names"] = names
+        rows = self._rows(f"""SELECT run_id, name, column, kind, count, min, max, first, last, last_text, last_step
+                              FROM {DB}.metric_aggregates FINAL WHERE {where}""", **params)
+        out: dict[str, dict[str, Any]] = {}
+        for run_id, name, column, kind, count, mn, mx, first, last, last_text, last_step in rows:
+            key = f"{name}.{column}" if column else name
+            out.setdefault(run_id, {})[key] = {
+                "kind": kind, "count": int(count), "min": _num(mn), "max": _num(mx), "first": _num(first),
+                "last": last_text if last_text and (last != last) else _num(last), "last_step": int(last_step)}
+        return out
+
+    def metrics(self, run_id: str, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+        """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants."""
+        if recursive:
+            ids = [run_id] + [r["run_id"] for r in self.children(run_id, recursive=True)]
+            per_run = self._metrics_for(ids, name)
+            return {rid: per_run.get(rid, {}) for rid in ids}
+        return self._metrics_for([run_id], name).get(run_id, {})
+
+    def _metrics_for(self, run_ids: list[str], name: str | None) -> dict[str, dict[str, Any]]:
+        where = "run_id IN {ids:Array(String)}"
+        params: dict[str, Any] = {"ids": run_ids}
+        if name is not None:
+            where += " AND name = {name:String}"
+            params["name"] = name
+        result = self.client.query(f"""
+            SELECT run_id, name, kind, column, dtype, step, value, text FROM {DB}.metric_points
+            WHERE {where} ORDER BY run_id, name, column, step, ts""", parameters=params)
+        out: dict[str, dict[str, Any]] = {}
+        scalars: set[tuple[str, str]] = set()
+        for run_id, name_, kind, column, dtype, _step, value, text in result.result_rows:
+            v = _value(dtype, value, text)
+            per = out.setdefault(run_id, {})
+            if kind in ("row", "table"):
+                per.setdefault(name_, {}).setdefault(column, []).append(v)
+            else:
+                per.setdefault(name_, []).append(v)
+                if kind == "scalar":
+                    scalars.add((run_id, name_))
+        for run_id, name_ in scalars:  # a metric logged once is its value, as in Azure
+            values = out[run_id][name_]
+            if len(values) == 1:
+                out[run_id][name_] = values[0]
+        return out
+
+    # -- health ---------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        rows = self._rows(f"""SELECT table, sum(rows) FROM system.parts WHERE database = '{DB}' AND active
+                              GROUP BY table""")
+        have = {t: int(n) for t, n in rows}
+        return {t: have.get(t, 0) for t in TABLES}
+
+
+def _value(dtype: str, value: float, text: str) -> Any:
+    if dtype == "str":
+        return text
+    if dtype == "int":
+        return int(value) if value == value and abs(value) != math.inf else value
+    if dtype == "bool":
+        return bool(value)
+    return value

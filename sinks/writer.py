@@ -1,0 +1,374 @@
+"""The ClickHouse sink: consumes the topics, inserts in batches, commits offsets only after ClickHouse took them.
+
+Idempotence: every insert carries a deduplication token naming its topic, partition and
+offset range. Before inserting, the sink records that range (an *intent*) in
+`sink_intents`; after a crash between insert and commit it finds the intent that starts
+at the committed offset and replays exactly that range with the same token, so ClickHouse
+drops the repeat. Events repeated by a producer (a resend after a lost ack, a spool
+resent after a crash) are dropped by (source, seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from runwatch.events import (Alert, DeadLetter, Envelope, EventError, LogBatch, MetricAggregates, MetricBatch, RunState,
+                             Transition, decode)
+from runwatch.settings import Settings
+
+log = logging.getLogger("runwatch.sink")
+
+DB = "runwatch"
+TS = pa.timestamp("us", tz="UTC")
+SINK_TOPICS = ("metrics", "logs", "aggregates", "alerts", "dlq")
+
+
+@dataclass
+class SinkStats:
+    batches: int = 0
+    events: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    repeats_dropped: int = 0
+    dead_letters: int = 0
+    insert_retries: int = 0
+    last_insert_ts: float = 0.0
+    lag: dict[str, int] = field(default_factory=dict)
+
+
+def _rep(value: Any, n: int, typ: pa.DataType = pa.string()) -> pa.Array:
+    return pa.array([value], typ).take(pa.array(np.zeros(n, np.int32)))
+
+
+def _ts(values_us: np.ndarray) -> pa.Array:
+    return pa.array(np.asarray(values_us, np.int64), TS)
+
+
+def _us(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1e6)
+
+
+class RowBuilder:
+    """Turns decoded events into Arrow tables per ClickHouse table (no per-point Python)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def add(self, env: Envelope, topic: str, partition: int, offset: int) -> None:
+        p = env.payload
+        if isinstance(p, MetricBatch):
+            self._metrics(env, p)
+        elif isinstance(p, LogBatch):
+            self._logs(env, p)
+        elif isinstance(p, MetricAggregates):
+            for r in p.rows:
+                self.rows["metric_aggregates"].append({
+                    "run_id": env.run_id, "experiment": env.experiment, "name": r["name"], "column": r["column"],
+                    "kind": r["kind"], "count": r["count"], "min": r["min"], "max": r["max"], "first": r["first"],
+                    "last": r["last"], "last_text": r["last_text"], "last_step": r["last_step"],
+                    "last_ts": r["last_ts"], "version": r["version"]})
+        elif isinstance(p, RunState):
+            s = p.snapshot
+            tags = s.get("tags") or {}
+            self.rows["runs"].append({
+                "run_id": env.run_id, "experiment": s.get("experiment") or env.experiment,
+                "display_name": s.get("display_name"), "parent_run_id": s.get("parent_run_id"),
+                "run_type": s.get("run_type") or "", "compute_target": s.get("compute_target") or "",
+                "status": s.get("status") or "NotStarted", "created_time": _us(s.get("created_ts")),
+                "start_time": _us(s.get("start_ts")), "end_time": _us(s.get("end_ts")),
+                "properties": list((s.get("properties") or {}).items()),
+                "tags": [(k, "" if v is None else v) for k, v in tags.items()],
+                "tags_json": json.dumps(tags), "error": json.dumps(s["error"]) if s.get("error") else "",
+                "last_heartbeat": _us(s.get("last_heartbeat")), "dropped_points": int(s.get("dropped_points") or 0),
+                "illegal_transitions": int(s.get("illegal_transitions") or 0), "version": p.version})
+        elif isinstance(p, Transition):
+            self.rows["status_history"].append({
+                "run_id": env.run_id, "experiment": env.experiment, "ts": _us(env.ts),
+                "from_status": p.from_status.value if p.from_status else "", "to_status": p.to_status.value,
+                "applied": int(p.applied), "reason": p.reason, "event_id": env.event_id})
+        elif isinstance(p, Alert):
+            self.rows["alerts"].append({
+                "run_id": env.run_id, "experiment": env.experiment, "ts": _us(env.ts), "status": p.status.value,
+                "reason": p.reason, "details": json.dumps(p.details, default=str), "alert_id": env.event_id})
+        elif isinstance(p, DeadLetter):
+            self.dead_letter(p.reason, p.topic, p.partition, p.offset, p.raw, ts=env.ts)
+
+    def dead_letter(self, reason: str, topic: str, partition: int, offset: int, raw: bytes,
+                    ts: float | None = None) -> None:
+        self.rows["dead_letters"].append({
+            "ts": _us(ts or time.time()), "topic": topic, "partition": partition, "offset": offset,
+            "reason": reason, "raw": raw[:4096].decode("utf-8", "backslashreplace")})
+
+    def _metrics(self, env: Envelope, p: MetricBatch) -> None:
+        names = pa.array([n.name for n in p.names])
+        kinds = pa.array([n.kind.value for n in p.names])
+        cols = pa.array([n.column for n in p.names])
+        dtypes = pa.array([n.dtype.value for n in p.names])
+        src = env.source.key
+        if p.n_numeric:
+            idx, step, ts, val = p.arrays()
+            self._metric_table(env, src, names, kinds, cols, dtypes, idx, step, ts, pa.array(val),
+                               _rep("", len(idx)))
+        if p.n_text:
+            s_idx, s_step, s_ts, texts = p.text_arrays()
+            n = len(texts)
+            self._metric_table(env, src, names, kinds, cols, dtypes, s_idx, s_step, s_ts,
+                               pa.array(np.full(n, np.nan)), pa.array(texts, pa.string()))
+
+    def _metric_table(self, env, src, names, kinds, cols, dtypes, idx, step, ts, val, text) -> None:
+        n = len(idx)
+        take = pa.array(idx.astype(np.int32))
+        self.parts["metric_points"].append(pa.table({
+            "run_id": _rep(env.run_id, n), "experiment": _rep(env.experiment, n), "name": names.take(take),
+            "kind": kinds.take(take), "column": cols.take(take), "dtype": dtypes.take(take),
+            "step": pa.array(step), "ts": _ts(ts), "value": val, "text": text, "src": _rep(src, n),
+            "seq": _rep(env.seq, n, pa.uint64()),
+        }))
+
+    def _logs(self, env: Envelope, p: LogBatch) -> None:
+        n = len(p.lines)
+        if not n:
+            return
+        self.parts["log_lines"].append(pa.table({
+            "run_id": _rep(env.run_id, n), "experiment": _rep(env.experiment, n), "file": _rep(p.file, n),
+            "node": _rep(p.node, n, pa.uint16()), "rank": _rep(p.rank, n, pa.uint32()), "stream": _rep(p.stream, n),
+            "seq": pa.array(np.arange(p.first_seq, p.first_seq + n, dtype=np.uint64)),
+            "ts": _ts(np.frombuffer(p.ts, "<i8")), "line": pa.array(p.lines, pa.string()),
+            "src": _rep(env.source.key, n), "eseq": _rep(env.seq, n, pa.uint64()),
+        }))
+
+    def tables(self) -> dict[str, pa.Table]:
+        out: dict[str, pa.Table] = {}
+        for name, parts in self.parts.items():
+            out[name] = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        for name, rows in self.rows.items():
+            if rows:
+                out[name] = _rows_to_table(name, rows)
+        return out
+
+
+def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    arrays = {}
+    for k, v in cols.items():
+        if k in ("ts", "last_ts", "created_time", "start_time", "end_time", "last_heartbeat"):
+            arrays[k] = pa.array(v, TS)
+        elif k in ("properties", "tags"):
+            arrays[k] = pa.array(v, pa.map_(pa.string(), pa.string()))
+        elif k in ("count", "version", "dropped_points", "illegal_transitions"):
+            arrays[k] = pa.array(v, pa.uint64())
+        elif k in ("min", "max", "first", "last"):
+            arrays[k] = pa.array([math.nan if x is None else x for x in v], pa.float64())
+        else:
+            arrays[k] = pa.array(v)
+    return pa.table(arrays)
+
+
+class ClickHouseSink:
+    """Consumes SINK_TOPICS with manual commits and writes them to ClickHouse."""
+
+    def __init__(self, settings: Settings, client, bootstrap: str, group_id: str | None = None):
+        self.settings = settings
+        self.client = client
+        self.bootstrap = bootstrap
+        self.group_id = group_id or f"{settings.topic_prefix}sink"
+        self.stats = SinkStats()
+        self.consumer = None
+        self.ready = False
+        self.error: str | None = None
+        self._forced_end: dict[Any, int] = {}
+        self._pending: dict[Any, list] = defaultdict(list)
+        self._last_seq: dict[tuple[str, str, str], int] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink")
+        self._topic_kind = {settings.topic(t): t for t in SINK_TOPICS}
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
+            client_id=f"{self.group_id}-consumer")
+        await self.consumer.start()
+        tps = []
+        for t in SINK_TOPICS:
+            parts = self.consumer.partitions_for_topic(self.settings.topic(t))
+            if not parts:
+                await self.consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+                parts = self.consumer.partitions_for_topic(self.settings.topic(t)) or {0}
+            tps += [TopicPartition(self.settings.topic(t), p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        await self._recover(tps)
+        self.ready = True
+
+    async def _recover(self, tps) -> None:
+        """Find intents that start at the committed offsets: those ranges are replayed with their tokens."""
+        for tp in tps:
+            committed = await self.consumer.committed(tp)
+            start = committed if committed is not None else 0
+            rows = await self._run(lambda: self.client.query(
+                f"SELECT end_offset FROM {DB}.sink_intents WHERE group_id = {{g:String}} AND topic = {{t:String}} "
+                "AND partition = {p:Int32} AND start_offset = {s:Int64} ORDER BY ts DESC LIMIT 1",
+                parameters={"g": self.group_id, "t": tp.topic, "p": tp.partition, "s": start}).result_rows)
+            if rows:
+                self._forced_end[tp] = int(rows[0][0])
+                log.warning("runwatch sink: replaying %s[%d] offsets %d..%d after an unfinished commit",
+                            tp.topic, tp.partition, start, rows[0][0])
+
+    async def _run(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def run_forever(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                if self.consumer is None:
+                    await self.start()
+                batch = await self.consumer.getmany(timeout_ms=int(self.settings.sink_max_wait * 1000),
+                                                    max_records=self.settings.sink_max_batch_events)
+                if batch:
+                    await self.process(batch)
+                await self._update_lag()
+                self.error = None
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # ClickHouse or the broker away: wait, keep everything, try again
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.stats.insert_retries += 1
+                log.warning("runwatch sink: %s; retrying in %.1fs", self.error, backoff)
+                await self._rewind()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _rewind(self) -> None:
+        """After a failed batch: go back to the committed offsets so nothing is skipped."""
+        if self.consumer is None:
+            return
+        try:
+            for tp in self.consumer.assignment():
+                committed = await self.consumer.committed(tp)
+                if committed is None:
+                    await self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+            self._pending.clear()
+        except Exception:
+            await self.stop()
+
+    async def _update_lag(self) -> None:
+        try:
+            for tp in self.consumer.assignment():
+                hw = self.consumer.highwater(tp)
+                pos = await self.consumer.position(tp)
+                if hw is not None:
+                    self.stats.lag[f"{tp.topic}[{tp.partition}]"] = max(0, hw - pos)
+        except Exception:
+            pass
+
+    async def process(self, batch: dict) -> None:
+        ranges: dict[Any, tuple[int, int, list]] = {}
+        for tp, msgs in batch.items():
+            forced = self._forced_end.get(tp)
+            if forced is not None:
+                self._pending[tp].extend(msgs)
+                got = self._pending[tp]
+                if got[-1].offset < forced:
+                    continue  # keep collecting until the whole recorded range is here
+                msgs = [m for m in got if m.offset <= forced]
+                del self._pending[tp]
+                del self._forced_end[tp]
+                self.consumer.seek(tp, forced + 1)
+            if msgs:
+                ranges[tp] = (msgs[0].offset, msgs[-1].offset, msgs)
+        if not ranges:
+            return
+        await self._run(lambda: self._write(ranges))
+        await self.consumer.commit({tp: end + 1 for tp, (_, end, _) in ranges.items()})
+        self.stats.batches += 1
+        self.stats.last_insert_ts = time.time()
+
+    # -- runs in the sink's thread ---------------------------------------------------------
+    def _write(self, ranges: dict[Any, tuple[int, int, list]]) -> None:
+        intents = [[self.group_id, tp.topic, tp.partition, start, end] for tp, (start, end, _) in ranges.items()]
+        self.client.insert(f"{DB}.sink_intents", intents,
+                           column_names=["group_id", "topic", "partition", "start_offset", "end_offset"],
+                           settings={"async_insert": 0})
+        decoded = {tp: self._decode(tp, msgs) for tp, (_, _, msgs) in ranges.items()}
+        self._seed_seqs([env for envs in decoded.values() for env, _ in envs if env is not None])
+        seen: dict[tuple[str, str, str], int] = {}  # applied to _last_seq only once every insert succeeded
+        for tp, (start, end, _) in ranges.items():
+            builder = RowBuilder()
+            kind = self._topic_kind.get(tp.topic, "")
+            for env, m in decoded[tp]:
+                if env is None:
+                    builder.dead_letter(m[1], tp.topic, tp.partition, m[0].offset, m[0].value or b"")
+                    continue
+                if kind in ("metrics", "logs") and self._is_repeat(kind, env, seen):
+                    self.stats.repeats_dropped += 1
+                    continue
+                builder.add(env, tp.topic, tp.partition, m.offset)
+                self.stats.events += 1
+            token = f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}"
+            for table, data in builder.tables().items():
+                self.client.insert_arrow(f"{DB}.{table}", data, settings={
+                    "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+                self.stats.rows[table] += data.num_rows
+                if table == "dead_letters":
+                    self.stats.dead_letters += data.num_rows
+        self._last_seq.update(seen)
+
+    def _decode(self, tp, msgs) -> list[tuple[Envelope | None, Any]]:
+        out = []
+        kind = self._topic_kind.get(tp.topic, "")
+        for m in msgs:
+            try:
+                out.append((decode(m.value), m))
+            except EventError as exc:
+                if kind in ("metrics",):
+                    continue  # the processors read this topic too and send it to the dlq with the reason
+                out.append((None, (m, str(exc))))
+        return out
+
+    def _is_repeat(self, kind: str, env: Envelope, seen: dict) -> bool:
+        key = (kind, env.run_id, env.source.key)
+        last = seen.get(key, self._last_seq.get(key))
+        if last is not None and env.seq <= last:
+            return True
+        seen[key] = env.seq
+        return False
+
+    def _seed_seqs(self, envs: list[Envelope]) -> None:
+        """Learn the last stored seq of (run, source) pairs this sink has not seen since it started."""
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for env in envs:
+            kind = "metrics" if isinstance(env.payload, MetricBatch) else "logs" if isinstance(env.payload, LogBatch) else None
+            if kind and (kind, env.run_id, env.source.key) not in self._last_seq:
+                wanted[kind].add(env.run_id)
+        for kind, runs in wanted.items():
+            table, col = ("metric_points", "seq") if kind == "metrics" else ("log_lines", "eseq")
+            rows = self.client.query(
+                f"SELECT run_id, src, max({col}) FROM {DB}.{table} WHERE run_id IN {{runs:Array(String)}} "
+                "GROUP BY run_id, src", parameters={"runs": sorted(runs)}).result_rows
+            for run_id, src, seq in rows:
+                self._last_seq.setdefault((kind, run_id, src), int(seq))
+
+    async def stop(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self.ready = False
+        if consumer is not None:
+            try:
+                await consumer.stop()
+            except Exception:
+                pass
