@@ -544,7 +544,9 @@ def track_run(run: Any) -> None:
 
 
 def close_all(timeout: float = 10.0) -> None:
-    for em in list(_EMITTERS.values()):
+    emitters = list(_EMITTERS.values())
+    _EMITTERS.clear()
+    for em in emitters:
         try:
             em.close(timeout)
         except Exception:

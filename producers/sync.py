@@ -47,11 +47,7 @@ async def _sync(settings: Settings, bootstrap: str, progress) -> dict[str, int]:
                 await asyncio.gather(*futures)
                 spool.consume(cursor)
                 sent += len(batch)
-            spool.close(remove_if_empty=True)
-            if not any(d.glob("*.seg")):
-                for leftover in d.iterdir():
-                    leftover.unlink()
-                d.rmdir()
+            spool.close(remove_if_empty=True)  # removes the directory once everything was sent
             result["spools"] += 1
             result["events"] += sent
             progress(f"  {d.name}: {sent} events sent")

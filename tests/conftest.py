@@ -1,0 +1,213 @@
+"""Fixtures: a real embedded broker (Tansu) per session, unique topics per test, a real worker on chDB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runwatch.settings import Settings
+from runwatch.stack import free_port, port_open, tansu_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(check, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `check` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as exc:  # the stack may not have the data yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+class Broker:
+    """A Tansu broker process on 127.0.0.1 (memory storage)."""
+
+    def __init__(self, port: int | None = None, log_dir: Path | None = None):
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = (log_dir or Path("/tmp")) / f"tansu-{self.port}.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "Broker":
+        addr = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", addr, "--advertised-listener-url", addr,
+             "--storage-engine", "memory://tansu/"],
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 10, what=f"broker on port {self.port}")
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    b = Broker(log_dir=tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def sdk_settings(broker, tmp_path, monkeypatch):
+    """Environment for the SDK: a fresh RUNWATCH_HOME and a unique topic prefix on the session broker."""
+    prefix = _unique("t")
+    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap)
+    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", prefix)
+    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
+    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.05")
+    yield Settings.load()
+    from producers.emitter import close_all
+
+    close_all(5)
+
+
+def consume(bootstrap: str, topics: list[str], until, timeout: float = 20.0):
+    """Read `topics` from the beginning with a plain aiokafka consumer until `until(messages)` holds."""
+    from aiokafka import AIOKafkaConsumer
+
+    async def run():
+        c = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             group_id=None, enable_auto_commit=False)
+        await c.start()
+        got = []
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                batch = await c.getmany(timeout_ms=200)
+                for msgs in batch.values():
+                    got.extend(msgs)
+                if until(got):
+                    break
+        finally:
+            await c.stop()
+        got.sort(key=lambda m: (m.topic, m.partition, m.offset))
+        return got
+
+    return asyncio.run(run())
+
+
+def decoded(messages):
+    from runwatch.events import decode
+
+    return [decode(m.value) for m in messages]
+
+
+class Worker:
+    """The real worker process (processors, sink, read API) on its own RUNWATCH_HOME and topic prefix."""
+
+    def __init__(self, broker: Broker, home: Path, prefix: str):
+        self.broker, self.home, self.prefix = broker, home, prefix
+        self.api_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, RUNWATCH_HOME=str(self.home), RUNWATCH_BOOTSTRAP_SERVERS=self.broker.bootstrap,
+                    RUNWATCH_TOPIC_PREFIX=self.prefix, RUNWATCH_BROKER_KIND="tansu",
+                    RUNWATCH_API_PORT=str(self.api_port), RUNWATCH_API_URL=self.api_url)
+
+    def start(self, timeout: float = 60) -> "Worker":
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "worker.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=self.env(), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        wait_until(self.ready, timeout, 0.1, what="worker ready")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited: {(self.home / 'worker.log').read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.api_url}/api/health", timeout=1).json()["ready"]
+        except httpx.HTTPError:
+            return False
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.api_url}/api/health", timeout=5).json()
+
+    def get(self, path: str, **params):
+        r = httpx.get(f"{self.api_url}{path}", params=params, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def worker(broker, tmp_path_factory):
+    w = Worker(broker, tmp_path_factory.mktemp("worker-home"), _unique("w")).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def stack_env(worker, monkeypatch, tmp_path):
+    """SDK environment pointing at the module's worker (its topics and its read API)."""
+    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "sdk-home"))
+    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", worker.broker.bootstrap)
+    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", worker.prefix)
+    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
+    monkeypatch.setenv("RUNWATCH_API_URL", worker.api_url)
+    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.05")
+    yield worker
+    from producers.emitter import close_all
+
+    close_all(5)
+
+
+def unique_name(prefix: str = "exp") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)[:2000]
