@@ -1,0 +1,308 @@
+"""End to end on the embedded default: SDK -> broker -> Faust processors -> ClickHouse sink -> read API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Worker, unique_name, wait_until
+from runwatch import Experiment, Run, Workspace
+from runwatch.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
+
+
+def visible(worker, run_id, status=None, metric=None, count=None):
+    """Wait until the run (and optionally a status / a metric's point count) is visible through the API."""
+    def check():
+        r = worker.get(f"/api/runs/{run_id}")
+        if status and r["status"] != status:
+            return False
+        if metric:
+            aggs = worker.get("/api/runs", parent=r["parent_run_id"], include_children="true",
+                              metric=metric) if r["parent_run_id"] else None
+            m = worker.get(f"/api/runs/{run_id}/metrics", name=metric).get(metric)
+            n = 0 if m is None else len(m) if isinstance(m, (list, dict)) else 1
+            if isinstance(m, dict):
+                n = len(next(iter(m.values())))
+            if n != count:
+                return False
+        return r
+    return wait_until(check, 30, 0.1, what=f"run {run_id} visible")
+
+
+def cli(worker, *args):
+    out = subprocess.run([sys.executable, "-m", "runwatch.cli", *args, "--json"], capture_output=True, text=True,
+                         env=worker.env(), cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_round_trip_every_value(stack_env):
+    worker = stack_env
+    ws = Workspace.from_config()
+    exp = Experiment(ws, unique_name())
+    run = exp.start_logging(display_name="baseline")
+    losses = [1.0 / (i + 1) for i in range(500)]
+    for v in losses:
+        run.log("loss", v)
+    run.log("Category", "Red")
+    run.log("flag", False)
+    run.log("epochs", 7)
+    run.log_list("fibonacci", [0, 1, 1, 2, 3, 5])
+    run.log_row("cosine wave", angle=0.5, cos=float(np.cos(0.5)))
+    run.log_row("cosine wave", angle=1.0, cos=float(np.cos(1.0)))
+    run.log_table("sine wave", {"angle": [0.0, 0.5], "sine": [0.0, 0.479]})
+    run.tag("optimizer", "adam")
+    run.tag("worth another look")
+    run.add_properties({"author": "me"})
+    with run.child_run(name="fold-1") as child:
+        child.log("acc", 0.91)
+        with child.child_run(name="inner") as grandchild:
+            grandchild.log("depth", 2)
+    run.complete()
+    visible(worker, run.id, status="Completed", metric="loss", count=500)
+    visible(worker, grandchild.id, status="Completed", metric="depth", count=1)
+
+    expected = {
+        "loss": losses, "Category": "Red", "flag": False, "epochs": 7, "fibonacci": [0, 1, 1, 2, 3, 5],
+        "cosine wave": {"angle": [0.5, 1.0], "cos": [float(np.cos(0.5)), float(np.cos(1.0))]},
+        "sine wave": {"angle": [0.0, 0.5], "sine": [0.0, 0.479]},
+    }
+    assert run.get_metrics() == expected
+    assert worker.get(f"/api/runs/{run.id}/metrics") == expected
+    assert cli(worker, "metrics", run.id) == expected
+    assert run.get_metrics(name="loss") == {"loss": losses}
+    assert run.get_metrics(recursive=True) == {run.id: expected, child.id: {"acc": 0.91},
+                                               grandchild.id: {"depth": 2}}
+    assert type(run.get_metrics()["epochs"]) is int and type(run.get_metrics()["flag"]) is bool
+
+    details = run.get_details()
+    assert details["status"] == "Completed" and details["displayName"] == "baseline"
+    assert details["tags"] == {"optimizer": "adam", "worth another look": None}
+    assert details["properties"] == {"author": "me"}
+    assert details["startTimeUtc"] <= details["endTimeUtc"] and details["durationSeconds"] >= 0
+    assert run.get_status() == "Completed"
+    assert run.get_tags() == {"optimizer": "adam", "worth another look": None}
+    assert run.get_properties() == {"author": "me"}
+    assert [c.id for c in run.get_children()] == [child.id]
+    assert [c.id for c in run.get_children(recursive=True)] == [child.id, grandchild.id]
+    assert [r.id for r in exp.get_runs()] == [run.id]
+    assert {r.id for r in exp.get_runs(include_children=True)} == {run.id, child.id, grandchild.id}
+    assert [r.id for r in exp.get_runs(tags={"optimizer": "adam"})] == [run.id]
+    assert [r.id for r in exp.get_runs(tags="worth another look")] == [run.id]
+    assert exp.get_runs(tags={"optimizer": "sgd"}) == []
+    assert [r.id for r in exp.get_runs(properties={"author": "me"})] == [run.id]
+
+    reopened = Run(exp, run.id)
+    assert reopened.get_status() == "Completed" and reopened.get_tags() == run.get_tags()
+    shown = cli(worker, "runs", "show", run.id)
+    assert shown["status"] == "Completed" and [c["run_id"] for c in shown["children"]] == [child.id]
+    assert [h["to"] for h in shown["history"]] == ["Running", "Completed"]
+    listed = cli(worker, "runs", "list", "--experiment", exp.name)
+    assert [r["run_id"] for r in listed] == [run.id]
+    exps = {e["name"]: e for e in cli(worker, "experiments")}
+    assert exps[exp.name]["runs"] == 1 and exps[exp.name]["by_status"] == {"Completed": 1}
+
+
+def test_aggregates_equal_numpy(stack_env):
+    worker = stack_env
+    exp = Experiment(Workspace.from_config(), unique_name())
+    rng = np.random.default_rng(7)
+    values = {}
+    runs = []
+    for k in range(3):
+        run = exp.start_logging()
+        v = rng.normal(size=3000)
+        v[::97] = np.nan
+        values[run.id] = v
+        for i, x in enumerate(v):
+            run.log("x", float(x))
+            if i % 1000 == 999:
+                run.flush()  # several batches per run: the running aggregates must fold them
+        run.complete()
+        runs.append(run)
+    for run in runs:
+        visible(worker, run.id, status="Completed", metric="x", count=3000)
+
+    def aggs_ready():
+        rows = worker.get("/api/runs", experiment=exp.name, metric="x")
+        return rows if all(r["metrics"].get("x", {}).get("count") == 3000 for r in rows) and len(rows) == 3 else None
+
+    rows = wait_until(aggs_ready, 30, what="aggregates")
+    for r in rows:
+        v, m = values[r["run_id"]], r["metrics"]["x"]
+        assert m["count"] == len(v)
+        assert m["min"] == np.nanmin(v) and m["max"] == np.nanmax(v)
+        assert np.array_equal([m["first"], m["last"]], [v[0], v[-1]], equal_nan=True)  # v[0] is NaN
+        assert m["last_step"] == len(v) - 1
+    # "find the run with the lowest minimum": sorted through the API, the CLI and by numpy
+    by_numpy = sorted(values, key=lambda rid: np.nanmin(values[rid]))
+    api_sorted = worker.get("/api/runs", experiment=exp.name, sort_metric="x", sort="min", order="asc")
+    assert [r["run_id"] for r in api_sorted] == by_numpy
+    cli_sorted = cli(worker, "runs", "list", "--experiment", exp.name, "--metric", "x", "--sort", "min")
+    assert [r["run_id"] for r in cli_sorted] == by_numpy
+    desc = worker.get("/api/runs", experiment=exp.name, sort_metric="x", sort="max", order="desc")
+    assert [r["run_id"] for r in desc] == sorted(values, key=lambda rid: -np.nanmax(values[rid]))
+
+
+def _produce(worker, topic_suffix, messages):
+    from aiokafka import AIOKafkaProducer
+
+    async def go():
+        p = AIOKafkaProducer(bootstrap_servers=worker.broker.bootstrap, acks="all")
+        await p.start()
+        try:
+            for key, value in messages:
+                await p.send_and_wait(worker.prefix + topic_suffix, value, key=key)
+        finally:
+            await p.stop()
+
+    asyncio.run(go())
+
+
+def test_replayed_batch_stores_nothing_twice(stack_env):
+    worker = stack_env
+    run_id = unique_name("replay")
+    src = this_source()
+    created = make_envelope(run_id, "replays", RunCreated(created_ts=1_700_000_000.0), seq=0, source=src)
+    names = [MetricName(name="m", kind="scalar", column="", dtype="float")]
+    batch = MetricBatch.from_arrays(names, np.zeros(100), np.arange(100), np.arange(100) * 1000 + 1_700_000_000_000_000,
+                                    np.arange(100, dtype=float))
+    raw = encode(make_envelope(run_id, "replays", batch, seq=1, source=src))
+    later = make_envelope(run_id, "replays", MetricBatch.from_arrays(names, [0], [100], [1_700_000_000_000_000], [9.0]),
+                          seq=2, source=src)
+    _produce(worker, "runs", [(run_id.encode(), encode(created))])
+    _produce(worker, "metrics", [(run_id.encode(), raw)] * 3 + [(run_id.encode(), encode(later))])  # 3 times the same
+    visible(worker, run_id, metric="m", count=101)
+    assert worker.get(f"/api/runs/{run_id}/metrics")["m"] == [float(i) for i in range(100)] + [9.0]
+    agg = wait_until(lambda: _agg(worker, run_id, "m", 101), 30, what="aggregate")
+    assert agg["count"] == 101 and agg["max"] == 99.0  # the processors also counted the batch once
+    assert worker.health()["sink"]["repeats_dropped"] >= 2
+
+
+def _agg(worker, run_id, name, count):
+    rows = worker.get("/api/runs", include_children="true", metric=name, limit=100000)
+    for r in rows:
+        if r["run_id"] == run_id and r["metrics"].get(name, {}).get("count") == count:
+            return r["metrics"][name]
+    return None
+
+
+def test_illegal_transition_is_reported_not_applied(stack_env):
+    worker = stack_env
+    run = Experiment(Workspace.from_config(), unique_name()).start_logging()
+    run.complete()
+    run._set_status(RunStatus.Running)  # a late "Running" after Completed
+    run.flush()
+    r = wait_until(lambda: (lambda x: x if x["illegal_transitions"] == 1 else None)(worker.get(f"/api/runs/{run.id}")),
+                   30, what="illegal transition recorded")
+    assert r["status"] == "Completed"
+    history = worker.get(f"/api/runs/{run.id}/history")
+    assert [(h["to"], h["applied"]) for h in history] == [("Running", True), ("Completed", True), ("Running", False)]
+    assert "Completed is final" in history[-1]["reason"]
+
+
+def test_failed_run_records_error_and_alert(stack_env):
+    worker = stack_env
+    exp = Experiment(Workspace.from_config(), unique_name())
+    with pytest.raises(ZeroDivisionError):
+        with exp.start_logging() as run:
+            run.log("before", 1.0)
+            1 / 0
+    r = visible(worker, run.id, status="Failed")
+    assert "ZeroDivisionError" in r["error"]["message"]
+    assert run.get_details()["error"]["message"].startswith("ZeroDivisionError")
+    health = worker.health()
+    assert health["rows"]["alerts"] >= 1
+
+
+HOSTILE = ["x' OR 'a' LIKE '%", "'; DROP TABLE runwatch.runs; --", "\\' \" ` {x:String} $1 %s", "名前 ✓", "a\nb\tc"]
+
+
+def test_hostile_strings_do_no_harm(stack_env):
+    worker = stack_env
+    exp = Experiment(Workspace.from_config(), unique_name())
+    run = exp.start_logging(display_name=HOSTILE[1])
+    for i, s in enumerate(HOSTILE):
+        run.log(s, float(i))
+        run.tag(s, s)
+        run.tag(f"k{i}", s)
+    run.log("text", HOSTILE[0])
+    run.complete()
+    visible(worker, run.id, status="Completed", metric="text", count=1)
+    m = run.get_metrics()
+    assert m == {**{s: float(i) for i, s in enumerate(HOSTILE)}, "text": HOSTILE[0]}
+    assert run.get_tags() == {**{s: s for s in HOSTILE}, **{f"k{i}": s for i, s in enumerate(HOSTILE)}}
+    for i, s in enumerate(HOSTILE):
+        assert worker.get("/api/runs", experiment=s) == []
+        # NAME=VALUE splits at the first '=': hostile values after a plain name, hostile names alone
+        assert [r["run_id"] for r in worker.get("/api/runs", experiment=exp.name, tag=f"k{i}={s}")] == [run.id]
+        assert [r["run_id"] for r in worker.get("/api/runs", experiment=exp.name, tag=s)] == [run.id]
+        assert worker.get("/api/runs", experiment=exp.name, tag=f"k{i}={s}x") == []
+        assert worker.get(f"/api/runs/{run.id}/metrics", name=s) == {s: float(i)}
+        got = worker.get("/api/runs", experiment=exp.name, sort_metric=s, sort="max")
+        assert [r["run_id"] for r in got] == [run.id]
+    import httpx
+
+    bad = httpx.get(f"{worker.api_url}/api/runs", params={"sort": "max; DROP TABLE x", "sort_metric": "a"})
+    assert bad.status_code == 400 and "sort must be one of" in bad.json()["error"]
+    assert httpx.get(f"{worker.api_url}/api/runs/{HOSTILE[1]}").status_code == 404
+    assert worker.health()["rows"]["runs"] >= 1  # the table is still there
+
+
+def test_malformed_events_go_to_the_dead_letters(stack_env):
+    worker = stack_env
+    before = worker.health()
+    _produce(worker, "metrics", [(b"junk", b"\x00\x01 not msgpack"), (b"junk2", b"\x81\xa1v\x63")])
+    _produce(worker, "runs", [(b"junk3", b"\x93\x01\x02\x03")])
+    health = wait_until(lambda: (lambda h: h if h["rows"]["dead_letters"] >= before["rows"]["dead_letters"] + 3 else None)(
+        worker.health()), 30, what="dead letters stored")
+    assert health["processors"]["dead_letters"] >= before["processors"]["dead_letters"] + 3
+    # the worker still takes good events
+    run = Experiment(Workspace.from_config(), unique_name()).start_logging()
+    run.log("after junk", 1.0)
+    run.complete()
+    visible(worker, run.id, status="Completed", metric="after junk", count=1)
+
+
+def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
+    w = Worker(broker, tmp_path / "wk", f"kill{tmp_path.name[-6:]}.").start()
+    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "sdk"))
+    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap)
+    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", w.prefix)
+    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
+    monkeypatch.setenv("RUNWATCH_API_URL", w.api_url)
+    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.02")
+    try:
+        exp = Experiment(Workspace.from_config(), unique_name())
+        run = exp.start_logging()
+        total = 0
+        for chunk in range(40):
+            for i in range(5000):
+                run.log("x", float(total))
+                total += 1
+            run.flush()
+            if chunk == 20:
+                w.kill()  # SIGKILL while batches are in flight
+        run.complete()
+        w2 = Worker(broker, w.home, w.prefix)
+        w2.api_port = w.api_port
+        w2.start()
+        try:
+            visible(w2, run.id, status="Completed", metric="x", count=total)
+            values = run.get_metrics(name="x")["x"]
+            assert values == [float(i) for i in range(total)]  # nothing lost, nothing twice
+            agg = wait_until(lambda: _agg(w2, run.id, "x", total), 30, what="aggregate after restart")
+            assert agg["max"] == total - 1
+        finally:
+            w2.stop()
+    finally:
+        from producers.emitter import close_all
+
+        close_all(5)
+        w.stop()
