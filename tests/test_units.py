@@ -1,0 +1,132 @@
+"""Unit tests of the contract and the pure parts: settings, wire format, state table, aggregates."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from processors.aggregates import batch_aggregates, merge, metric_key
+from processors.logic import RunStateLogic
+from processors.states import TRANSITIONS, check_transition
+from runwatch.events import (EventError, MetricBatch, MetricName, RunCreated, RunStatus, StatusChanged, decode, encode,
+                             make_envelope, this_source)
+from runwatch.settings import Settings
+
+
+def test_settings_resolve_argument_env_file_default(tmp_path, monkeypatch):
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "config.toml").write_text("flush_interval = 0.15\npartitions = 3\nlinger_ms = 7\n")
+    monkeypatch.setenv("RUNWATCH_HOME", str(home))
+    monkeypatch.setenv("RUNWATCH_PARTITIONS", "5")
+    s = Settings.load(linger_ms=9)
+    assert s.home == home
+    assert s.linger_ms == 9            # argument beats everything
+    assert s.partitions == 5           # environment beats the file
+    assert s.flush_interval == 0.15    # the file beats the default
+    assert s.heartbeat_interval == 5.0  # the default
+
+
+def test_settings_bad_env_value_is_reported_and_default_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path))
+    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "soon")
+    s = Settings.load()
+    assert s.flush_interval == 0.1
+    assert "RUNWATCH_FLUSH_INTERVAL" in caplog.text and "soon" in caplog.text
+    with pytest.raises(ValueError, match="'partitions'"):
+        Settings.load(partitions="many")
+    with pytest.raises(TypeError, match="unknown runwatch setting"):
+        Settings.load(flush_intervall=1)
+
+
+def _batch(n=5):
+    names = [MetricName(name="loss", kind="scalar", dtype="float"), MetricName(name="tag", kind="scalar", dtype="str")]
+    return MetricBatch.from_arrays(names, np.zeros(n), np.arange(n), np.arange(n) + 10**15, np.linspace(0, 1, n),
+                                   [1], [0], [10**15], ["red"])
+
+
+def test_wire_round_trip_is_compact():
+    env = make_envelope("run-1", "exp", _batch(100_000), seq=3)
+    raw = encode(env)
+    assert len(raw) < 100_000 * 30  # 28 bytes per point in arrays, not 100 k JSON objects
+    back = decode(raw)
+    assert back == env
+    idx, step, ts, val = back.payload.arrays()
+    assert val[-1] == 1.0 and step[-1] == 99_999 and back.payload.text_arrays()[3] == ["red"]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(v=99), "unsupported schema_version 99"),
+    (lambda d: d.pop("r"), "envelope field missing"),
+    (lambda d: d.update(k="logs"), "differs from payload kind"),
+    (lambda d: d["p"].update(step=b"\x00" * 3), "differ in length"),
+    (lambda d: d["p"].update(idx=np.full(5, 7, "<u4").tobytes()), "outside the name table"),
+    (lambda d: d.update(r=""), "run_id"),
+    (lambda d: d.update(q=-1), "seq"),
+])
+def test_decode_names_what_is_wrong(mutate, message):
+    d = msgpack.unpackb(encode(make_envelope("run-1", "exp", _batch(), seq=1)), raw=False)
+    mutate(d)
+    with pytest.raises(EventError, match=message):
+        decode(msgpack.packb(d, use_bin_type=True))
+
+
+def test_decode_rejects_garbage():
+    with pytest.raises(EventError, match="not a msgpack message"):
+        decode(b"\xc1")
+    with pytest.raises(EventError, match="not a map"):
+        decode(msgpack.packb([1, 2]))
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=1, max_size=200),
+       st.integers(min_value=1, max_value=5))
+@hsettings(max_examples=60, deadline=None)
+def test_aggregates_match_numpy_over_batches(values, n_batches):
+    v = np.array(values)
+    state: dict = {}
+    bounds = np.linspace(0, len(v), n_batches + 1).astype(int)
+    names = [MetricName(name="x", kind="scalar", dtype="float")]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            b = MetricBatch.from_arrays(names, np.zeros(hi - lo), np.arange(lo, hi), np.arange(lo, hi), v[lo:hi])
+            merge(state, batch_aggregates(b))
+    row = state[metric_key("x", "")]
+    assert row[0] == len(v)
+    finite = v[~np.isnan(v)]
+    if len(finite):
+        assert row[1] == finite.min() and row[2] == finite.max()
+    else:
+        assert math.isnan(row[1]) and math.isnan(row[2])
+    assert np.array_equal([row[3], row[4]], [v[0], v[-1]], equal_nan=True)
+    assert row[5] == len(v) - 1
+
+
+def test_transition_table_is_complete_and_terminal_states_are_final():
+    assert set(TRANSITIONS) == set(RunStatus)
+    for terminal in (RunStatus.Completed, RunStatus.Failed, RunStatus.Canceled):
+        for target in RunStatus:
+            ok, reason = check_transition(terminal, target)
+            assert ok == (target == terminal)
+    assert check_transition(None, RunStatus.Running) == (True, "")
+    assert check_transition(RunStatus.Queued, RunStatus.Finalizing)[0] is False
+
+
+def test_state_logic_applies_rejects_and_alerts():
+    logic = RunStateLogic()
+    st_ = RunStateLogic.new_state("r", "e")
+    src = this_source()
+    outs = logic.handle(make_envelope("r", "e", RunCreated(created_ts=1.0), seq=1, source=src), st_)
+    assert st_["status"] == "Running" and st_["start_ts"] == 1.0
+    outs = logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Failed, error={"message": "boom"}),
+                                      seq=2, source=src), st_)
+    kinds = [o[2].payload.kind for o in outs]
+    assert kinds == ["transition", "alert", "run_state"] and st_["status"] == "Failed"
+    outs = logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_)
+    tr = outs[0][2].payload
+    assert not tr.applied and st_["status"] == "Failed" and st_["illegal_transitions"] == 1
+    # a repeated event (same source and seq) changes nothing
+    assert logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_) == []
