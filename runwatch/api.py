@@ -84,6 +84,8 @@ class ReadApi:
         info = self.health_fn()
         try:
             info["rows"] = await self._q(self.queries.counts)
+            if _bool(request.query.get("storage")):
+                info["storage"] = await self._q(self.queries.storage)
         except Exception as exc:
             info["rows"] = {}
             info["clickhouse_error"] = str(exc)

@@ -209,6 +209,12 @@ class Queries:
         return out
 
     # -- health ---------------------------------------------------------------------------------
+    def storage(self) -> dict[str, dict[str, int]]:
+        """Rows and bytes on disk per table (active parts)."""
+        rows = self._rows(f"""SELECT table, sum(rows), sum(bytes_on_disk), sum(data_compressed_bytes)
+                              FROM system.parts WHERE database = '{DB}' AND active GROUP BY table""")
+        return {t: {"rows": int(n), "bytes_on_disk": int(b), "compressed_bytes": int(c)} for t, n, b, c in rows}
+
     def counts(self) -> dict[str, int]:
         rows = self._rows(f"""SELECT table, sum(rows) FROM system.parts WHERE database = '{DB}' AND active
                               GROUP BY table""")

@@ -1,0 +1,301 @@
+"""runwatch benchmarks: `python -m benchmarks [--quick]` (or `./dev bench`). Figures print as they come and
+are written to benchmarks/results/latest.json and latest.md. Each figure names its baseline from the same run."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console()
+RESULTS: list[dict] = []
+
+
+def record(name: str, value: float, unit: str, goal: str = "", note: str = "") -> None:
+    RESULTS.append({"name": name, "value": value, "unit": unit, "goal": goal, "note": note})
+    console.print(f"  [bold]{name}[/bold]: {value:,.3f} {unit}" + (f"   (goal {goal})" if goal else "")
+                  + (f"  — {note}" if note else ""), highlight=False)
+
+
+def _env(home: Path, bootstrap: str, prefix: str, api_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
+    env.update(RUNWATCH_HOME=str(home), RUNWATCH_BOOTSTRAP_SERVERS=bootstrap, RUNWATCH_TOPIC_PREFIX=prefix,
+               RUNWATCH_BROKER_KIND="tansu")
+    if api_url:
+        env["RUNWATCH_API_URL"] = api_url
+    return env
+
+
+def _child(code: str, env: dict[str, str], timeout: float = 600) -> dict:
+    """Run a measurement in a fresh process (its own emitter, its own GC state); it prints one JSON line."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
+                         cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PER_CALL = r'''
+import json, time, gc, statistics
+from time import perf_counter_ns as pc
+from runwatch import Workspace, Experiment
+run = Experiment(Workspace.from_config(), "bench").start_logging()
+N = 20000
+for i in range(2000): run.log("warm", 0.5)
+run.flush(30)
+gc.disable()
+floor, cost = [], []
+lst = []
+for i in range(N):
+    v = i * 0.001
+    a = pc(); lst.append((3, i, time.time(), v)); b = pc(); floor.append(b - a)
+    a = pc(); run.log("loss", v); b = pc(); cost.append(b - a)
+gc.enable()
+floor.sort(); cost.sort()
+q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]
+print(json.dumps({"floor_p50": q(floor, .5), "floor_p99": q(floor, .99), "p50": q(cost, .5), "p99": q(cost, .99),
+                  "flushed": run.flush(30), "dropped": run._em.stats.points_dropped}))
+'''
+
+THROUGHPUT = r'''
+import json, time, os
+from runwatch import Workspace, Experiment
+run = Experiment(Workspace.from_config(), "bench").start_logging()
+seconds = float(os.environ["BENCH_SECONDS"])
+log = run.log
+n = 0
+t0 = time.perf_counter()
+end = t0 + seconds
+while True:
+    for i in range(10000):
+        log("x", 0.5)
+    n += 10000
+    if time.perf_counter() >= end:
+        break
+elapsed = time.perf_counter() - t0
+ok = run.flush(120)
+total = time.perf_counter() - t0
+st = run._em.stats
+print(json.dumps({"points": n, "log_seconds": elapsed, "flush_seconds": total, "dropped": st.points_dropped,
+                  "spooled": st.events_spooled, "flushed": ok, "run_id": run.id}))
+'''
+
+MEMORY = r'''
+import json, os, resource, time
+from runwatch import Workspace, Experiment
+run = Experiment(Workspace.from_config(), "bench").start_logging()
+n = int(os.environ["BENCH_POINTS"])
+log = run.log
+for i in range(n // 10000):
+    for j in range(10000):
+        log("x", 0.5)
+run.flush(120)
+st = run._em.stats
+print(json.dumps({"points": n, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "dropped": st.points_dropped, "spooled_events": st.events_spooled}))
+'''
+
+
+def bench_sdk(quick: bool, broker_bootstrap: str, tmp: Path) -> None:
+    from tests.conftest import Broker  # noqa: F401  (same broker helper as the tests)
+
+    console.rule("SDK: run.log()")
+    up = _child(PER_CALL, _env(tmp / "h1", broker_bootstrap, "b1."))
+    record("log() p50, broker up", up["p50"], "ns", "≤ 5× floor")
+    record("log() p99, broker up", up["p99"], "ns")
+    record("list.append floor p50", up["floor_p50"], "ns")
+    record("log() p50 / floor p50", up["p50"] / up["floor_p50"], "×", "≤ 5")
+    down_env = _env(tmp / "h2", "127.0.0.1:1", "b2.")
+    down = _child(PER_CALL, down_env)
+    record("log() p50, broker down (spooling)", down["p50"], "ns")
+    record("log() p99, broker down (spooling)", down["p99"], "ns")
+    record("log() p50 / floor p50, broker down", down["p50"] / down["floor_p50"], "×", "≤ 5")
+
+    secs = "3" if quick else "10"
+    env = _env(tmp / "h3", broker_bootstrap, "b3.")
+    env["BENCH_SECONDS"] = secs
+    tp = _child(THROUGHPUT, env)
+    record(f"points/s logged for {secs} s, one process", tp["points"] / tp["log_seconds"], "points/s", "≥ 1,000,000",
+           f"dropped {tp['dropped']}, all acknowledged by the broker after {tp['flush_seconds']:.1f} s")
+    record("points/s logged and acknowledged by the broker", tp["points"] / tp["flush_seconds"], "points/s")
+
+    n = 2_000_000 if quick else 10_000_000
+    env = _env(tmp / "h4", "127.0.0.1:1", "b4.")
+    env.update(BENCH_POINTS=str(n), RUNWATCH_SPOOL_MAX_BYTES=str(64 << 20))
+    mem = _child(MEMORY, env)
+    record(f"max RSS after {n:,} points, broker down, 64 MiB spool", mem["max_rss_mib"], "MiB",
+           "bounded by buffer + spool", f"dropped {mem['dropped']:,} points (counted), spooled {mem['spooled_events']} events")
+
+
+def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
+    import httpx
+
+    from tests.conftest import Worker
+
+    console.rule("Pipeline: log() to queryable in chDB")
+    w = Worker(broker, tmp / "worker", "p1.").start()
+    try:
+        secs = 10 if quick else 60
+        env = _env(tmp / "h5", broker.bootstrap, "p1.", w.api_url)
+        env["BENCH_SECONDS"] = str(secs)
+        t0 = time.perf_counter()
+        res = _child(THROUGHPUT, env)
+        run_id, n = res["run_id"], res["points"]
+
+        def count() -> int:
+            r = httpx.get(f"{w.api_url}/api/runs", params={"include_children": "true", "metric": "x",
+                                                          "experiment": "bench"}, timeout=30).json()
+            return sum(x.get("metrics", {}).get("x", {}).get("count", 0) for x in r if x["run_id"] == run_id)
+
+        def stored() -> int:
+            return w.health()["rows"]["metric_points"]
+
+        while stored() < n:
+            time.sleep(0.2)
+        e2e = time.perf_counter() - t0
+        record(f"sustained points/s, log() → queryable in chDB ({secs} s of logging)", n / e2e, "points/s",
+               "≥ 1,000,000", f"{n:,} points in {e2e:.1f} s")
+        direct = _direct_insert_rate(tmp / "direct")
+        record("direct columnar insert into chDB (same machine, same run)", direct, "rows/s")
+        record("pipeline / direct insert", (n / e2e) / direct, "×")
+
+        console.rule("Freshness: run.log() → visible through the read API")
+        fresh = _child(FRESHNESS, _env(tmp / "h6", broker.bootstrap, "p1.", w.api_url))
+        record("freshness p50", fresh["p50"] * 1000, "ms")
+        record("freshness p95", fresh["p95"] * 1000, "ms", "≤ 1000")
+
+        console.rule("Query: max, min, last of one metric across 1,000 runs")
+        runs, steps = (1000, 1000) if quick else (1000, 10000)
+        load = _child(LOAD, dict(_env(tmp / "h7", broker.bootstrap, "p1.", w.api_url), BENCH_RUNS=str(runs),
+                                 BENCH_STEPS=str(steps)))
+        lat = []
+        for _ in range(20):
+            a = time.perf_counter()
+            rows = httpx.get(f"{w.api_url}/api/runs", params={"experiment": "query-bench", "sort_metric": "loss",
+                                                             "sort": "min", "order": "asc", "metric": "loss"},
+                             timeout=30).json()
+            lat.append(time.perf_counter() - a)
+            assert len(rows) == runs
+        lat.sort()
+        record(f"cross-run query p50 ({runs} runs × {steps:,} steps)", lat[len(lat) // 2] * 1000, "ms")
+        record("cross-run query p95", lat[int(len(lat) * 0.95)] * 1000, "ms", "≤ 100",
+               f"{load['points']:,} points loaded")
+        h = w.health()
+        record("bytes on disk per stored point (metric_points, compressed)", _bytes_per_point(w), "bytes", "≤ 12",
+               f"{h['rows']['metric_points']:,} rows")
+    finally:
+        w.stop()
+
+
+FRESHNESS = r'''
+import json, time, httpx, os
+from runwatch import Workspace, Experiment
+run = Experiment(Workspace.from_config(), "fresh").start_logging()
+api = os.environ["RUNWATCH_API_URL"]
+lat = []
+for i in range(30):
+    t0 = time.perf_counter()
+    run.log("marker", float(i))
+    while True:
+        r = httpx.get(f"{api}/api/runs/{run.id}/metrics", params={"name": "marker"}, timeout=10)
+        if r.status_code == 200:
+            m = r.json().get("marker")
+            n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
+            if n == i + 1:
+                break
+        time.sleep(0.01)
+    lat.append(time.perf_counter() - t0)
+    time.sleep(0.1)
+lat.sort()
+print(json.dumps({"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)]}))
+'''
+
+LOAD = r'''
+import json, os, time, numpy as np
+from runwatch import Workspace, Experiment
+exp = Experiment(Workspace.from_config(), "query-bench")
+runs, steps = int(os.environ["BENCH_RUNS"]), int(os.environ["BENCH_STEPS"])
+rng = np.random.default_rng(0)
+for r in range(runs):
+    run = exp.start_logging()
+    run.log_list("loss", rng.random(steps))  # a whole series per call: the fast path for bulk loads
+run.flush(120)
+import httpx
+api = os.environ["RUNWATCH_API_URL"]
+while True:
+    rows = httpx.get(f"{api}/api/runs", params={"experiment": "query-bench", "metric": "loss", "limit": 100000}, timeout=60).json()
+    if len(rows) == runs and all(x.get("metrics", {}).get("loss", {}).get("count") == steps for x in rows):
+        break
+    time.sleep(0.5)
+print(json.dumps({"points": runs * steps}))
+'''
+
+
+def _direct_insert_rate(path: Path) -> float:
+    code = r'''
+import json, time, sys, numpy as np, pyarrow as pa, clickhouse_connect
+c = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+c.command("CREATE TABLE t (run_id String, name LowCardinality(String), step Int64, ts DateTime64(6,'UTC'), value Float64) ENGINE=MergeTree ORDER BY (run_id, name, step)")
+n = 100_000
+tbl = pa.table({"run_id": pa.array(["r"] * n), "name": pa.array(["x"] * n), "step": np.arange(n),
+                "ts": pa.array(np.arange(n) + 1_700_000_000_000_000, pa.timestamp("us", tz="UTC")), "value": np.random.rand(n)})
+t0 = time.perf_counter()
+for i in range(30):
+    c.insert_arrow("t", tbl, settings={"async_insert": 0})
+print(json.dumps({"rate": 30 * n / (time.perf_counter() - t0)}))
+'''
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+
+
+def _bytes_per_point(w) -> float:
+    import httpx
+
+    st = httpx.get(f"{w.api_url}/api/health", params={"storage": "true"}, timeout=30).json()["storage"]["metric_points"]
+    return st["bytes_on_disk"] / max(st["rows"], 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes)")
+    ap.add_argument("--only", choices=["sdk", "pipeline"], help="run one group")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tests.conftest import Broker
+
+    tmp = Path(tempfile.mkdtemp(prefix="runwatch-bench-"))
+    broker = Broker(log_dir=tmp).start()
+    t0 = time.time()
+    try:
+        if args.only in (None, "sdk"):
+            bench_sdk(args.quick, broker.bootstrap, tmp)
+        if args.only in (None, "pipeline"):
+            bench_pipeline(args.quick, broker, tmp)
+    finally:
+        broker.stop()
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "seconds": round(time.time() - t0, 1),
+            "cpus": os.cpu_count()}
+    (out / "latest.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=2))
+    lines = [f"Run {meta['when']}, {meta['cpus']} CPUs, quick={args.quick}", "",
+             "| figure | value | unit | goal | note |", "|---|---:|---|---|---|"]
+    lines += [f"| {r['name']} | {r['value']:,.3f} | {r['unit']} | {r['goal']} | {r['note']} |" for r in RESULTS]
+    (out / "latest.md").write_text("\n".join(lines) + "\n")
+    console.print(f"\nwritten: {out / 'latest.json'} and {out / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
