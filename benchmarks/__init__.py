@@ -1,0 +1,1 @@
+"""runwatch's benchmarks: `python -m benchmarks [--quick]`."""
