@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from .client import ApiClient, NotFound, RunwatchError, StackNotRunning
 from .settings import Settings
@@ -175,13 +175,14 @@ def runs_list(experiment: Optional[str] = typer.Option(None, "--experiment", "-e
     rows = _call(lambda: _client(home).get("/api/runs", **params))
     if as_json:
         return _print_json(rows)
-    t = Table("run", "experiment", "status", "started", "duration s", *([f"{metric} {sort}"] if metric else []))
+    t = Table("experiment", "status", "started (UTC)", "duration s", *([f"{metric} {sort}"] if metric else []))
+    t.columns.insert(0, Column("run", overflow="fold", min_width=20))
     for r in rows:
         extra = []
         if metric:
             m = (r.get("metrics") or {}).get(metric)
             extra = [_num(m.get(sort)) if m else ""]
-        t.add_row(r["run_id"], r["experiment"], r["status"], str(r["start_time"] or ""),
+        t.add_row(r["run_id"], r["experiment"], r["status"], (r["start_time"] or "")[:19].replace("T", " "),
                   _num(r["duration_s"]), *extra)
     console.print(t)
 

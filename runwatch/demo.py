@@ -86,7 +86,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
             while time.monotonic() < deadline:
                 table, done = _live_table(exp, parent.id, steps, final=True)
                 live.update(table)
-                if done:
+                if done and parent.get_status() == "Completed":
                     break
                 time.sleep(0.3)
     except RunwatchError as exc:

@@ -185,11 +185,29 @@ def _stop_pid(pid: int | None, timeout: float = 15.0) -> bool:
     return True
 
 
+def drain(api_url: str | None, timeout: float = 15.0) -> bool:
+    """Wait until the worker has stored what the broker holds: the embedded broker keeps it only in memory."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        h = health(api_url)
+        if h is None:
+            return False
+        now = (sum(h["sink"]["lag"].values()), h["processors"]["events"], h["sink"]["events"])
+        if now[0] == 0 and now == last:
+            return True
+        last = now
+        time.sleep(0.3)
+    return False
+
+
 def down(settings: Settings) -> list[str]:
-    """Stop the worker, then the broker; forget the stack's record."""
+    """Let the worker catch up, stop it, then the broker; forget the stack's record."""
     stopped = []
     with _locked(settings.home):
         record = settings.stack_record()
+        if pid_alive(record.get("worker_pid")):
+            drain(record.get("api_url"))
         if _stop_pid(record.get("worker_pid")):
             stopped.append("worker")
         if _stop_pid(record.get("broker_pid"), timeout=5):
