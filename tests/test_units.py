@@ -130,3 +130,13 @@ def test_state_logic_applies_rejects_and_alerts():
     assert not tr.applied and st_["status"] == "Failed" and st_["illegal_transitions"] == 1
     # a repeated event (same source and seq) changes nothing
     assert logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_) == []
+
+
+def test_sdk_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys; from runwatch import Workspace, Experiment, Run; "
+            "print(sorted(m for m in ('faust', 'chdb', 'clickhouse_connect', 'aiohttp', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
