@@ -36,7 +36,27 @@ def wait_until(check, timeout: float = 30.0, interval: float = 0.05, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
-class Broker:
+class _Process:
+    """A child process the tests start: SIGKILL it, or stop it politely."""
+
+    proc: subprocess.Popen | None = None
+    stop_timeout = 10
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Broker(_Process):
     """A Tansu broker process on 127.0.0.1 (memory storage)."""
 
     def __init__(self, port: int | None = None, log_dir: Path | None = None):
@@ -56,19 +76,6 @@ class Broker:
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_until(lambda: port_open(self.port), 10, what=f"broker on port {self.port}")
         return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +135,10 @@ def decoded(messages):
     return [decode(m.value) for m in messages]
 
 
-class Worker:
+class Worker(_Process):
     """The real worker process (processors, sink, read API) on its own RUNWATCH_HOME and topic prefix."""
+
+    stop_timeout = 20
 
     def __init__(self, broker: Broker, home: Path, prefix: str):
         self.broker, self.home, self.prefix = broker, home, prefix
@@ -168,19 +177,6 @@ class Worker:
         r = httpx.get(f"{self.api_url}{path}", params=params, timeout=30)
         r.raise_for_status()
         return r.json()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="module")

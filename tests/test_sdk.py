@@ -151,13 +151,17 @@ def test_bad_experiment_name():
         Experiment(Workspace(), "bad name/with slash")
 
 
+def _own_broker_env(monkeypatch, tmp_path, broker, prefix):
+    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap)
+    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
+    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", prefix)
+    monkeypatch.setenv("RUNWATCH_REQUEST_TIMEOUT_MS", "2000")
+
+
 def test_broker_down_at_start_then_up(tmp_path, monkeypatch):
     b = Broker(log_dir=tmp_path)  # not started yet: nothing listens on its port
-    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", b.bootstrap)
-    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
-    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", "down.")
-    monkeypatch.setenv("RUNWATCH_REQUEST_TIMEOUT_MS", "2000")
+    _own_broker_env(monkeypatch, tmp_path, b, "down.")
     try:
         run = Experiment(Workspace.from_config(), unique_name()).start_logging()
         for i in range(5000):
@@ -183,11 +187,7 @@ def test_broker_down_at_start_then_up(tmp_path, monkeypatch):
 
 def test_broker_killed_mid_stream(tmp_path, monkeypatch):
     b = Broker(log_dir=tmp_path).start()
-    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", b.bootstrap)
-    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
-    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", "kill.")
-    monkeypatch.setenv("RUNWATCH_REQUEST_TIMEOUT_MS", "2000")
+    _own_broker_env(monkeypatch, tmp_path, b, "kill.")
     try:
         run = Experiment(Workspace.from_config(), unique_name()).start_logging()
         em = run._em
