@@ -4,7 +4,6 @@ are written to benchmarks/results/latest.json and latest.md. Each figure names i
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +105,6 @@ print(json.dumps({"points": n, "max_rss_mib": resource.getrusage(resource.RUSAGE
 
 
 def bench_sdk(quick: bool, broker_bootstrap: str, tmp: Path) -> None:
-    from tests.conftest import Broker  # noqa: F401  (same broker helper as the tests)
-
     console.rule("SDK: run.log()")
     up = _child(PER_CALL, _env(tmp / "h1", broker_bootstrap, "b1."))
     record("log() p50, broker up", up["p50"], "ns", "≤ 5× floor")
@@ -150,12 +146,7 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
         env["BENCH_SECONDS"] = str(secs)
         t0 = time.perf_counter()
         res = _child(THROUGHPUT, env)
-        run_id, n = res["run_id"], res["points"]
-
-        def count() -> int:
-            r = httpx.get(f"{w.api_url}/api/runs", params={"include_children": "true", "metric": "x",
-                                                          "experiment": "bench"}, timeout=30).json()
-            return sum(x.get("metrics", {}).get("x", {}).get("count", 0) for x in r if x["run_id"] == run_id)
+        n = res["points"]
 
         def stored() -> int:
             return w.health()["rows"]["metric_points"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.events import DType, MetricBatch
+from runwatch.events import MetricBatch
 
 # state row layout: [count, min, max, first, last, last_step, last_ts_us, last_text, kind, first_ts_us]
 COUNT, MIN, MAX, FIRST, LAST, LAST_STEP, LAST_TS, LAST_TEXT, KIND, FIRST_TS = range(10)
@@ -113,4 +113,4 @@ def to_rows(state: dict[str, list[Any]], keys: list[str] | None = None) -> list[
     return rows
 
 
-__all__ = ["batch_aggregates", "merge", "to_rows", "metric_key", "DType"]
+__all__ = ["batch_aggregates", "merge", "to_rows", "metric_key"]

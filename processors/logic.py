@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 from runwatch.events import (Alert, Envelope, Heartbeat, MetricAggregates, MetricBatch, PropertiesSet, RunCreated,
-                             RunState, RunStatus, StatusChanged, TagsSet, Transition, make_envelope, new_event_id)
+                             RunState, RunStatus, StatusChanged, TagsSet, Transition, make_envelope)
 
 from . import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
@@ -37,7 +36,7 @@ class MetricsLogic:
     def new_state() -> dict[str, Any]:
         return {"seen": {}, "aggs": {}, "version": 0}
 
-    def handle(self, env: Envelope, state: dict[str, Any], source_seq: int = 0) -> list[Out]:
+    def handle(self, env: Envelope, state: dict[str, Any]) -> list[Out]:
         batch = env.payload
         if not isinstance(batch, MetricBatch):
             return []
@@ -144,8 +143,4 @@ class RunStateLogic:
         return out
 
 
-def now() -> float:
-    return time.time()
-
-
-__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "new_event_id"]
+__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "is_repeat"]

@@ -65,12 +65,16 @@ class Emitter:
         self.buf: list[tuple] = []          # (gidx, step, ts_seconds, float value)
         self.sbuf: list[tuple] = []         # (gidx, step, ts_seconds, str value)
         self.chunks: list[tuple] = []       # (gidx, step, ts_seconds, value) numpy arrays
+        self.chunk_points = 0
         self.control: collections.deque = collections.deque()  # (run_id, experiment, payload)
         self.batch_max = settings.batch_max_points
         self.buffer_max = settings.buffer_max_points
         # --- name table: gidx -> (run_id, experiment, MetricName)
         self.names: list[tuple[str, str, MetricName]] = []
+        self._run_of: list[int] = []        # gidx -> run index, kept at registration
+        self._run_index: dict[str, int] = {}
         self._name_lock = threading.Lock()
+        self._topics_ready = False
         self.stats = Stats()
         self._warned_drop = False
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
@@ -89,6 +93,7 @@ class Emitter:
     # ------------------------------------------------------------------ hot-path helpers
     def register(self, run_id: str, experiment: str, name: MetricName) -> int:
         with self._name_lock:
+            self._run_of.append(self._run_index.setdefault(run_id, len(self._run_index)))
             self.names.append((run_id, experiment, name))
             return len(self.names) - 1
 
@@ -106,6 +111,14 @@ class Emitter:
                     break
                 self._count_drop(self.names[int(point[0])][0], 1)
         self.wake()
+
+    def add_chunk(self, chunk: tuple) -> None:
+        """A whole column of points (log_list, log_table); wakes the thread once a batch's worth is waiting."""
+        self.chunks.append(chunk)
+        self.chunk_points += len(chunk[0])
+        if self.chunk_points >= self.batch_max:
+            self.ensure_started()
+            self.wake()
 
     def _count_drop(self, run_id: str, n: int) -> None:
         self.stats.points_dropped += n
@@ -230,25 +243,25 @@ class Emitter:
 
     # -- packing -------------------------------------------------------------------
     def _take(self) -> tuple[list, list, list]:
-        buf, self.buf = self.buf, []
-        sbuf, self.sbuf = self.sbuf, []
-        chunks, self.chunks = self.chunks, []
-        # a thread that loaded the old list just before the swap appends to it a moment later:
-        # keep the old lists for two more cycles and take what arrives late
-        late: list = []
+        swapped = (self.buf, self.sbuf, self.chunks)
+        self.buf, self.sbuf, self.chunks = [], [], []
+        self.chunk_points = 0
+        # A thread that loaded a list just before the swap appends to it a moment later: read each
+        # swapped list up to a recorded length, and re-read it for two more cycles for what came late.
+        late: list[list] = [[], [], []]
         keep = []
-        for lst, consumed, left in self._retired:
-            if len(lst) > consumed:
-                late.extend(lst[consumed:])
-                consumed = len(lst)
+        for kind, lst, consumed, left in self._retired:
+            n = len(lst)
+            late[kind].extend(lst[consumed:n])
             if left > 0:
-                keep.append((lst, consumed, left - 1))
-        keep.append((buf, len(buf), 2))
-        keep.append((sbuf, len(sbuf), 2))
+                keep.append((kind, lst, n, left - 1))
+        taken = []
+        for kind, lst in enumerate(swapped):
+            n = len(lst)
+            taken.append(late[kind] + lst[:n])
+            keep.append((kind, lst, n, 2))
         self._retired = keep
-        numeric = [p for p in late if type(p[3]) is not str] + buf
-        text = [p for p in late if type(p[3]) is str] + sbuf
-        return numeric, text, chunks
+        return taken[0], taken[1], taken[2]
 
     def _pack(self) -> None:
         numeric, text, chunks = self._take()
@@ -284,14 +297,9 @@ class Emitter:
             s_step = s_ts = np.empty(0, np.int64)
             s_val = []
         names = self.names
-        # one run index per global name, then group the points by run
-        run_ids: dict[str, int] = {}
-        run_of = np.fromiter((run_ids.setdefault(names[i][0], len(run_ids)) for i in range(len(names))),
-                             dtype=np.int32, count=len(names))
-        run_list = list(run_ids)
-        for r, sel, s_sel in _group(run_of[gidx], run_of[s_gidx] if len(s_gidx) else np.empty(0, np.int32)):
-            run_id = run_list[r]
-            exp = names[int(gidx[sel][0] if len(sel) else s_gidx[s_sel][0])][1]
+        run_of = np.array(self._run_of, dtype=np.int32)
+        for _, sel, s_sel in _group(run_of[gidx], run_of[s_gidx] if len(s_gidx) else np.empty(0, np.int32)):
+            run_id, exp, _ = names[int(gidx[sel][0] if len(sel) else s_gidx[s_sel][0])]
             g, sg = gidx[sel], s_gidx[s_sel]
             uniq, inv = np.unique(np.concatenate([g, sg]), return_inverse=True)
             table = [names[int(i)][2] for i in uniq]
@@ -451,7 +459,9 @@ class Emitter:
         )
         try:
             await asyncio.wait_for(producer.start(), self.settings.request_timeout_ms / 1000)
-            await ensure_topics(bootstrap, self.settings)
+            if not self._topics_ready:  # once per process, not on every reconnect
+                await ensure_topics(bootstrap, self.settings)
+                self._topics_ready = True
         except Exception as exc:
             try:
                 await producer.stop()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.client import ApiClient, NotFound, RunwatchError
+from runwatch.client import ApiClient, RunwatchError
 from runwatch.events import (DType, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
                              TagsSet, TERMINAL_STATES)
 from runwatch.settings import Settings
@@ -178,7 +178,8 @@ class Run:
         """Log a whole list of values (any iterable) as one series; step = index."""
         self._claim(name, MetricKind.list, "run.log_list")
         values = _materialise(value, "run.log_list")
-        self._append_column(name, MetricKind.list, "", values, "run.log_list", self._counter(name, MetricKind.list))
+        start = _reserve_steps(self._counter(name, MetricKind.list), len(values))
+        self._append_column(name, MetricKind.list, "", values, "run.log_list", start)
 
     def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
         """Log one row of the table `name`; repeated calls add rows (columns may not change)."""
@@ -209,13 +210,9 @@ class Run:
             raise MetricError(f"run.log_table: columns of {name!r} differ in length: {lengths}")
         self._claim(name, MetricKind.table, "run.log_table")
         counter = self._counter(name, MetricKind.table)
-        n = next(iter(lengths.values()))
-        start = next(counter)
-        if n > 1:  # reserve the block of steps this table uses
-            for _ in range(n - 1):
-                next(counter)
+        start = _reserve_steps(counter, next(iter(lengths.values())))
         for col, vals in columns.items():
-            self._append_column(name, MetricKind.table, col, vals, "run.log_table", None, start=start)
+            self._append_column(name, MetricKind.table, col, vals, "run.log_table", start)
 
     # -- metrics: helpers -------------------------------------------------------------------
     def _claim(self, name: str, kind: MetricKind, call: str) -> None:
@@ -255,21 +252,17 @@ class Run:
         return gidx
 
     def _append_column(self, name: str, kind: MetricKind, column: str, values: list | np.ndarray, call: str,
-                       counter, start: int | None = None) -> None:
+                       start: int) -> None:
         n = len(values)
         if n == 0:
             return
         em = self._em
         t = _time()
-        if counter is not None:
-            start = next(counter)
-            for _ in range(n - 1):
-                next(counter)
         steps = np.arange(start, start + n, dtype=np.int64)
         if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
             dtype = {"b": _BOOL, "i": _INT, "u": _INT, "f": _FLOAT}[values.dtype.kind]
             gidx = self._entry(name, kind, column, dtype)
-            em.chunks.append((np.full(n, gidx, np.uint32), steps, np.full(n, t), values.astype(np.float64)))
+            em.add_chunk((np.full(n, gidx, np.uint32), steps, np.full(n, t), values.astype(np.float64)))
         else:
             coerced = [_coerce(v, call, f"{column + ' ' if column else ''}item {i}") for i, v in enumerate(values)]
             nums_idx, nums_step, nums_val = [], [], []
@@ -283,11 +276,9 @@ class Run:
                     nums_val.append(v)
             if nums_idx:
                 k = len(nums_idx)
-                em.chunks.append((np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), np.full(k, t),
-                                  np.array(nums_val, np.float64)))
+                em.add_chunk((np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), np.full(k, t),
+                              np.array(nums_val, np.float64)))
         em.ensure_started()
-        if sum(len(c[0]) for c in em.chunks) >= em.batch_max:
-            em.wake()
 
     # -- tags, properties, lifecycle ---------------------------------------------------------
     def tag(self, key: str, value: Any = None) -> None:
@@ -525,6 +516,14 @@ def _find_config() -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def _reserve_steps(counter, n: int) -> int:
+    """Take n consecutive steps from a name's counter; return the first."""
+    start = next(counter)
+    for _ in range(n - 1):
+        next(counter)
+    return start
 
 
 def _materialise(value: Any, call: str, arg: str = "value") -> list | np.ndarray:

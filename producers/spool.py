@@ -6,7 +6,6 @@ import fcntl
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,17 +178,6 @@ class Spool:
             self._read_seg, self._read_pos = self._write_seg, 0
         if self._bytes <= 0:
             self._bytes = 0
-
-    def iter_all(self) -> Iterator[Record]:
-        self._open()
-        seg, pos = self._read_seg, self._read_pos
-        while True:
-            batch, cursor = self.peek(1000)
-            if not batch:
-                break
-            yield from batch
-            self._read_seg, self._read_pos = cursor
-        self._read_seg, self._read_pos = seg, pos
 
     def close(self, *, remove_if_empty: bool = True) -> None:
         if self._writer is not None:

@@ -8,12 +8,11 @@ import html
 import json
 import logging
 import math
-import time
 from typing import Any, Callable
 
 from aiohttp import web
 
-from sinks.queries import Queries
+from sinks.queries import Queries, counts
 
 log = logging.getLogger("runwatch.api")
 
@@ -82,10 +81,13 @@ class ReadApi:
     # -- handlers ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         info = self.health_fn()
+        if request.query.get("rows", "true").lower() == "false":  # readiness polls skip the ClickHouse query
+            return self._json(info)
         try:
-            info["rows"] = await self._q(self.queries.counts)
+            storage = await self._q(self.queries.storage)
+            info["rows"] = counts(storage)
             if _bool(request.query.get("storage")):
-                info["storage"] = await self._q(self.queries.storage)
+                info["storage"] = storage
         except Exception as exc:
             info["rows"] = {}
             info["clickhouse_error"] = str(exc)
@@ -147,7 +149,3 @@ class ReadApi:
 
 def _fmt(x: Any) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}" if isinstance(x, float) else str(x)
-
-
-def started_at() -> float:
-    return time.time()

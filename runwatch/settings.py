@@ -93,9 +93,6 @@ class Settings:
                     values[f.name] = parsed
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "Settings":
-        return dataclasses.replace(self, **changes)
-
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 

@@ -81,17 +81,19 @@ def _locked(home: Path) -> Iterator[None]:
         yield
 
 
-def _write_record(settings: Settings, record: dict[str, Any]) -> None:
-    tmp = settings.stack_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(settings.stack_file)
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Readers never see a half-written file: write beside it, then rename."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
-def health(api_url: str | None, timeout: float = 2.0) -> dict[str, Any] | None:
+def health(api_url: str | None, timeout: float = 2.0, rows: bool = False) -> dict[str, Any] | None:
+    """The worker's health; `rows` adds the row counts (a ClickHouse query: only where they are shown)."""
     if not api_url:
         return None
     try:
-        r = httpx.get(f"{api_url}/api/health", timeout=timeout)
+        r = httpx.get(f"{api_url}/api/health", params={"rows": str(rows).lower()}, timeout=timeout)
         return r.json() if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
@@ -131,14 +133,14 @@ def up(settings: Settings, progress: Callable[[str], None] = lambda s: None, tim
             api_port = free_port(settings.api_port)
             (home / "worker.json").unlink(missing_ok=True)
             env = dict(os.environ, RUNWATCH_HOME=str(home), RUNWATCH_BOOTSTRAP_SERVERS=record["bootstrap_servers"],
-                       RUNWATCH_API_PORT=str(api_port), RUNWATCH_BROKER_KIND="tansu", RUNWATCH_IDEMPOTENCE="false")
+                       RUNWATCH_API_PORT=str(api_port), RUNWATCH_BROKER_KIND="tansu")
             env.pop("RUNWATCH_API_URL", None)
             with open(logs / "worker.log", "ab") as out:
                 proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=env, stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             record.update(worker_pid=proc.pid, api_url=f"http://{settings.api_host}:{api_port}")
             started.append("worker")
-        _write_record(settings, record)
+        write_json_atomic(settings.stack_file, record)
     if "worker" in started:
         progress("waiting for the worker to join the broker")
         worker_pid = record["worker_pid"]
@@ -222,7 +224,7 @@ def status(settings: Settings) -> dict[str, Any]:
     broker_pid = record.get("broker_pid")
     info["broker"] = {"pid": broker_pid, "address": record.get("bootstrap_servers"),
                       "alive": pid_alive(broker_pid) and port_open(int(record.get("broker_port", 0) or 0))}
-    h = health(settings.resolved_api_url())
+    h = health(settings.resolved_api_url(), rows=True)
     info["worker"] = {"pid": record.get("worker_pid"), "api_url": settings.resolved_api_url(),
                       "alive": pid_alive(record.get("worker_pid")), "health": h}
     info["running"] = bool(info["broker"]["alive"] and h and h.get("ready"))

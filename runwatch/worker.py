@@ -7,14 +7,13 @@ embedded deployment it is also the only reader: everyone else asks the read API.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from .settings import Settings
+from .stack import write_json_atomic
 
 log = logging.getLogger("runwatch.worker")
 
@@ -72,7 +71,7 @@ def run(settings: Settings) -> None:
     @procs.app.task
     async def start_services() -> None:
         port = await api.start(settings.api_host, settings.api_port)
-        _write_json(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
+        write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
         asyncio.ensure_future(sink.run_forever())
 
     worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
@@ -94,9 +93,3 @@ async def _retry(fn, attempts: int = 20, delay: float = 0.25):
             if i == attempts - 1:
                 raise
             await asyncio.sleep(delay)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)

@@ -32,10 +32,6 @@ def _seconds(value: Any) -> float | None:
     return value.timestamp()
 
 
-def _num(x: Any) -> Any:
-    return x  # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
-
-
 def run_row(r: tuple) -> dict[str, Any]:
     (run_id, experiment, display_name, parent, run_type, target, status, created, start, end, props, tags_json,
      error, dropped, illegal, version) = r
@@ -170,8 +166,9 @@ class Queries:
         for run_id, name, column, kind, count, mn, mx, first, last, last_text, last_step in rows:
             key = f"{name}.{column}" if column else name
             out.setdefault(run_id, {})[key] = {
-                "kind": kind, "count": int(count), "min": _num(mn), "max": _num(mx), "first": _num(first),
-                "last": last_text if last_text and (last != last) else _num(last), "last_step": int(last_step)}
+                # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
+                "kind": kind, "count": int(count), "min": mn, "max": mx, "first": first,
+                "last": last_text if last_text and (last != last) else last, "last_step": int(last_step)}
         return out
 
     def metrics(self, run_id: str, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
@@ -215,11 +212,10 @@ class Queries:
                               FROM system.parts WHERE database = '{DB}' AND active GROUP BY table""")
         return {t: {"rows": int(n), "bytes_on_disk": int(b), "compressed_bytes": int(c)} for t, n, b, c in rows}
 
-    def counts(self) -> dict[str, int]:
-        rows = self._rows(f"""SELECT table, sum(rows) FROM system.parts WHERE database = '{DB}' AND active
-                              GROUP BY table""")
-        have = {t: int(n) for t, n in rows}
-        return {t: have.get(t, 0) for t in TABLES}
+
+def counts(storage: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Row counts of every runwatch table, from `Queries.storage()`."""
+    return {t: storage.get(t, {}).get("rows", 0) for t in TABLES}
 
 
 def _value(dtype: str, value: float, text: str) -> Any:

@@ -65,7 +65,7 @@ class RowBuilder:
         self.parts: dict[str, list[pa.Table]] = defaultdict(list)
         self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
-    def add(self, env: Envelope, topic: str, partition: int, offset: int) -> None:
+    def add(self, env: Envelope) -> None:
         p = env.payload
         if isinstance(p, MetricBatch):
             self._metrics(env, p)
@@ -201,12 +201,10 @@ class ClickHouseSink:
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
             client_id=f"{self.group_id}-consumer")
         await self.consumer.start()
+        await self.consumer.topics()  # fetches the cluster's metadata: every topic's partitions
         tps = []
         for t in SINK_TOPICS:
-            parts = self.consumer.partitions_for_topic(self.settings.topic(t))
-            if not parts:
-                await self.consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
-                parts = self.consumer.partitions_for_topic(self.settings.topic(t)) or {0}
+            parts = self.consumer.partitions_for_topic(self.settings.topic(t)) or {0}
             tps += [TopicPartition(self.settings.topic(t), p) for p in sorted(parts)]
         self.consumer.assign(tps)
         await self._recover(tps)
@@ -214,17 +212,23 @@ class ClickHouseSink:
 
     async def _recover(self, tps) -> None:
         """Find intents that start at the committed offsets: those ranges are replayed with their tokens."""
+        starts = {}
         for tp in tps:
             committed = await self.consumer.committed(tp)
-            start = committed if committed is not None else 0
-            rows = await self._run(lambda: self.client.query(
-                f"SELECT end_offset FROM {DB}.sink_intents WHERE group_id = {{g:String}} AND topic = {{t:String}} "
-                "AND partition = {p:Int32} AND start_offset = {s:Int64} ORDER BY ts DESC LIMIT 1",
-                parameters={"g": self.group_id, "t": tp.topic, "p": tp.partition, "s": start}).result_rows)
-            if rows:
-                self._forced_end[tp] = int(rows[0][0])
+            starts[tp] = committed if committed is not None else 0
+        rows = await self._run(lambda: self.client.query(
+            f"SELECT topic, partition, start_offset, argMax(end_offset, ts) FROM {DB}.sink_intents "
+            "WHERE group_id = {g:String} AND topic IN {topics:Array(String)} AND start_offset IN {starts:Array(Int64)} "
+            "GROUP BY topic, partition, start_offset",
+            parameters={"g": self.group_id, "topics": sorted({tp.topic for tp in tps}),
+                        "starts": sorted(set(starts.values()))}).result_rows)
+        intents = {(t, p, s): e for t, p, s, e in rows}
+        for tp, start in starts.items():
+            end = intents.get((tp.topic, tp.partition, start))
+            if end is not None:
+                self._forced_end[tp] = int(end)
                 log.warning("runwatch sink: replaying %s[%d] offsets %d..%d after an unfinished commit",
-                            tp.topic, tp.partition, start, rows[0][0])
+                            tp.topic, tp.partition, start, end)
 
     async def _run(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -318,7 +322,7 @@ class ClickHouseSink:
                 if kind in ("metrics", "logs") and self._is_repeat(kind, env, seen):
                     self.stats.repeats_dropped += 1
                     continue
-                builder.add(env, tp.topic, tp.partition, m.offset)
+                builder.add(env)
                 self.stats.events += 1
             token = f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}"
             for table, data in builder.tables().items():

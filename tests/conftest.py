@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -201,9 +200,17 @@ def stack_env(worker, monkeypatch, tmp_path):
     close_all(5)
 
 
+def log_rows_table_tags(run) -> None:
+    """The rows, table, tags and property both the SDK and the pipeline tests log and check."""
+    import numpy as np
+
+    run.log_row("cosine wave", angle=0.5, cos=np.cos(0.5))
+    run.log_row("cosine wave", angle=1.0, cos=np.cos(1.0))
+    run.log_table("sine wave", {"angle": [0.0, 0.5], "sine": [0.0, 0.479]})
+    run.tag("optimizer", "adam")
+    run.tag("worth another look")
+    run.add_properties({"author": "me"})
+
+
 def unique_name(prefix: str = "exp") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=1, default=str)[:2000]

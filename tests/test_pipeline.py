@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, Worker, unique_name, wait_until
+from conftest import ROOT, Worker, log_rows_table_tags, unique_name, wait_until
 from runwatch import Experiment, Run, Workspace
 from runwatch.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
 
@@ -23,8 +22,6 @@ def visible(worker, run_id, status=None, metric=None, count=None):
         if status and r["status"] != status:
             return False
         if metric:
-            aggs = worker.get("/api/runs", parent=r["parent_run_id"], include_children="true",
-                              metric=metric) if r["parent_run_id"] else None
             m = worker.get(f"/api/runs/{run_id}/metrics", name=metric).get(metric)
             n = 0 if m is None else len(m) if isinstance(m, (list, dict)) else 1
             if isinstance(m, dict):
@@ -54,12 +51,7 @@ def test_round_trip_every_value(stack_env):
     run.log("flag", False)
     run.log("epochs", 7)
     run.log_list("fibonacci", [0, 1, 1, 2, 3, 5])
-    run.log_row("cosine wave", angle=0.5, cos=float(np.cos(0.5)))
-    run.log_row("cosine wave", angle=1.0, cos=float(np.cos(1.0)))
-    run.log_table("sine wave", {"angle": [0.0, 0.5], "sine": [0.0, 0.479]})
-    run.tag("optimizer", "adam")
-    run.tag("worth another look")
-    run.add_properties({"author": "me"})
+    log_rows_table_tags(run)
     with run.child_run(name="fold-1") as child:
         child.log("acc", 0.91)
         with child.child_run(name="inner") as grandchild:

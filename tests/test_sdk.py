@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import Broker, consume, decoded, unique_name, wait_until
+from conftest import Broker, consume, decoded, log_rows_table_tags, unique_name, wait_until
 from runwatch import Experiment, MetricError, MetricTypeError, Workspace
 from runwatch.events import MetricBatch, RunStatus
 
@@ -48,12 +48,7 @@ def test_every_kind_is_sent_exactly(sdk_settings):
     run.log("epochs", np.int64(3))
     run.log_list("fibonacci", (i * 2 for i in [0, 1, 1, 2, 3, 5]))
     run.log_list("arr", np.array([0.5, 1.5]))
-    run.log_row("cosine wave", angle=0.5, cos=np.cos(0.5))
-    run.log_row("cosine wave", angle=1.0, cos=np.cos(1.0))
-    run.log_table("sine wave", {"angle": [0.0, 0.5], "sine": [0.0, 0.479]})
-    run.tag("optimizer", "adam")
-    run.tag("worth another look")
-    run.add_properties({"author": "me"})
+    log_rows_table_tags(run)
     with run.child_run(name="fold-1") as child:
         child.log("acc", 0.91)
     run.complete()
