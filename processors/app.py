@@ -1,17 +1,21 @@
-"""The Faust app: agents on `metrics` and `runs` that keep per-run tables and write `aggregates`, `alerts`, `dlq`."""
+"""The Faust app: agents on `metrics`, `runs` and `logs` that keep per-run tables and write `aggregates`,
+`alerts`, `dlq`; a timer that finds runs whose heartbeats stopped; the alert webhook."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import time
 from typing import Any
 
 import faust
 
-from runwatch.events import DeadLetter, Envelope, EventError, decode, encode, make_envelope
+from runwatch.events import Alert, DeadLetter, Envelope, EventError, LogBatch, decode, encode, make_envelope
 from runwatch.settings import Settings
 
-from .logic import MetricsLogic, RunStateLogic, derived_id
+from .logic import MetricsLogic, RunStateLogic, derived_id, update_tails
+from .notify import Webhook
 
 log = logging.getLogger("runwatch.processors")
 
@@ -49,11 +53,19 @@ class Processors:
         raw = dict(key_serializer="raw", value_serializer="raw")
         self.metrics_topic = app.topic(settings.topic("metrics"), **raw)
         self.runs_topic = app.topic(settings.topic("runs"), **raw)
-        self.out = {name: app.topic(settings.topic(name), **raw) for name in ("aggregates", "alerts", "dlq")}
+        self.logs_topic = app.topic(settings.topic("logs"), **raw)
+        self.alerts_topic = app.topic(settings.topic("alerts"), **raw)
+        self.out = {name: app.topic(settings.topic(name), **raw) for name in ("aggregates", "alerts", "dlq", "runs")}
         self.metric_state = app.Table("metric_state", default=None, partitions=settings.partitions)
         self.run_state = app.Table("run_state", default=None, partitions=settings.partitions)
+        self.log_tail = app.Table("log_tail", default=None, partitions=settings.partitions)
         self.metrics_logic = MetricsLogic()
         self.run_logic = RunStateLogic()
+        self.started = time.time()
+        self.liveness_checks = 0
+        self._check_seq = itertools.count()
+        self._checked: dict[str, tuple] = {}  # run_id -> (status, last_seen) a check was written for
+        self.webhook = Webhook(settings) if settings.alert_webhook_url else None
 
         @app.agent(self.metrics_topic, name="metrics")
         async def metrics_agent(stream):
@@ -65,17 +77,34 @@ class Processors:
             async for event in stream.events():
                 await self._guarded(event, self._on_run_event)
 
+        @app.agent(self.logs_topic, name="log-tails")
+        async def logs_agent(stream):
+            async for event in stream.events():
+                await self._guarded(event, self._on_logs, dead_letter=False)
+
+        if self.webhook is not None:
+            @app.agent(self.alerts_topic, name="alert-webhook")
+            async def webhook_agent(stream):
+                async for event in stream.events():
+                    await self._guarded(event, self._on_alert, dead_letter=False)
+
+        @app.timer(interval=max(0.2, min(settings.heartbeat_timeout, settings.not_responding_timeout) / 4))
+        async def liveness() -> None:
+            await self._check_liveness()
+
         @app.on_rebalance_complete.connect
         async def on_ready(sender: Any, **kwargs: Any) -> None:
             self.ready = True
 
-    async def _guarded(self, event, handler) -> None:
-        """Decode and handle one event; anything it cannot take goes to the dlq, never crashes the agent."""
+    async def _guarded(self, event, handler, dead_letter: bool = True) -> None:
+        """Decode and handle one event; anything it cannot take goes to the dlq, never crashes the agent.
+        Agents on topics the sink also reads pass dead_letter=False: the sink records those itself."""
         msg = event.message
         try:
             env = decode(msg.value)
         except EventError as exc:
-            await self._dead_letter(str(exc), msg)
+            if dead_letter:
+                await self._dead_letter(str(exc), msg)
             return
         try:
             await handler(env)
@@ -83,7 +112,8 @@ class Processors:
         except Exception as exc:  # Faust acks the event anyway: record it instead of losing it silently
             self.errors += 1
             log.exception("runwatch processors: handling %s failed", env.event_id)
-            await self._dead_letter(f"processing failed: {type(exc).__name__}: {exc}", msg, env)
+            if dead_letter:
+                await self._dead_letter(f"processing failed: {type(exc).__name__}: {exc}", msg, env)
 
     async def _dead_letter(self, reason: str, msg, env: Envelope | None = None) -> None:
         self.dead_letters += 1
@@ -108,6 +138,39 @@ class Processors:
 
     async def _on_run_event(self, env: Envelope) -> None:
         state = self.run_state.get(env.run_id) or RunStateLogic.new_state(env.run_id, env.experiment)
-        outputs = self.run_logic.handle(env, state)
+        outputs = self.run_logic.handle(env, state, now=time.time(), tails=self.log_tail.get(env.run_id))
         self.run_state[env.run_id] = state
         await self._emit(outputs)
+
+    async def _on_logs(self, env: Envelope) -> None:
+        if isinstance(env.payload, LogBatch):
+            tails = self.log_tail.get(env.run_id) or {}
+            if update_tails(tails, env.payload):
+                self.log_tail[env.run_id] = tails
+
+    async def _on_alert(self, env: Envelope) -> None:
+        if isinstance(env.payload, Alert):
+            await self.webhook.deliver(env)
+
+    async def _check_liveness(self) -> None:
+        """Write a LivenessCheck to the run's own partition for every run whose heartbeats stopped;
+        the runs agent applies it in order with the run's other events (tables change only there)."""
+        if not self.ready:
+            return
+        now = time.time()
+        s = self.settings
+        for run_id, st in list(self.run_state.items()):
+            if not st:
+                continue
+            check = RunStateLogic.liveness_check(st, now, self.started, s.heartbeat_timeout, s.not_responding_timeout)
+            if check is None:
+                self._checked.pop(run_id, None)
+                continue
+            marker = (check.if_status, check.last_seen)
+            if self._checked.get(run_id) == marker:
+                continue  # written already; waiting for the agent to apply it
+            self._checked[run_id] = marker
+            self.liveness_checks += 1
+            env = make_envelope(run_id, st["experiment"], check, next(self._check_seq),
+                                event_id=derived_id("live", run_id, check.if_status.value, repr(check.last_seen)))
+            await self.out["runs"].send(key=run_id.encode(), value=encode(env))

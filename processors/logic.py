@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from runwatch.events import (Alert, Envelope, Heartbeat, MetricAggregates, MetricBatch, PropertiesSet, RunCreated,
-                             RunState, RunStatus, StatusChanged, TagsSet, Transition, make_envelope)
+from runwatch.events import (Alert, Envelope, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
+                             PropertiesSet, RunCreated, RunState, RunStatus, StatusChanged, TagsSet, Transition,
+                             make_envelope)
 
 from . import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
@@ -57,23 +58,44 @@ class MetricsLogic:
 class RunStateLogic:
     """Per run: a snapshot of everything the run-state machine knows (see `new_state`)."""
 
+    def __init__(self) -> None:
+        self._tails: dict[str, list[str]] | None = None
+
     @staticmethod
     def new_state(run_id: str, experiment: str) -> dict[str, Any]:
         return {
             "run_id": run_id, "experiment": experiment, "display_name": None, "parent_run_id": None,
             "run_type": "interactive", "compute_target": "local", "status": None, "created_ts": None,
             "start_ts": None, "end_ts": None, "properties": {}, "tags": {}, "error": None,
-            "last_heartbeat": None, "dropped_points": 0, "illegal_transitions": 0, "version": 0, "seen": {},
+            "last_heartbeat": None, "last_seen": None, "not_responding_since": None, "dropped_points": 0,
+            "illegal_transitions": 0, "version": 0, "seen": {},
         }
 
-    def handle(self, env: Envelope, st: dict[str, Any]) -> list[Out]:
+    def handle(self, env: Envelope, st: dict[str, Any], now: float | None = None,
+               tails: dict[str, list[str]] | None = None) -> list[Out]:
+        """Apply one `runs` event. `now` is when the worker received it (liveness is judged on the
+        worker's clock, not the producer's); `tails` are the last log lines per file, for alerts."""
         if is_repeat(st["seen"], env):
             return []
         p = env.payload
         out: list[Out] = []
         changed = True
+        self._tails = tails
         if env.experiment and not st["experiment"]:
             st["experiment"] = env.experiment
+        if isinstance(p, LivenessCheck):
+            if st["status"] != p.if_status.value or st.get("last_seen") != p.last_seen:
+                return []  # the run spoke (or moved) after the check was written: nothing to do
+            error = None
+            if p.to_status in (RunStatus.NotResponding, RunStatus.Failed):
+                error = {"code": "NotResponding",
+                         "message": f"no heartbeat from the run's processes for {p.silent_s:.0f} s"
+                                    + ("; declared Failed" if p.to_status == RunStatus.Failed else "")}
+            out += self._move(env, st, p.to_status, error, at=env.ts)
+            if p.to_status == RunStatus.NotResponding:
+                st["not_responding_since"] = env.ts
+            return out + [self.snapshot(env, st)] if out else []
+        st["last_seen"] = now if now is not None else env.ts
         if isinstance(p, RunCreated):
             st["display_name"] = p.display_name
             st["parent_run_id"] = p.parent_run_id
@@ -137,10 +159,51 @@ class RunStateLogic:
             st["error"] = error
         if target in ALERTING:
             alert = Alert(status=target, reason=(error or {}).get("message") or f"run became {target.value}",
-                          details={"error": error, "parent_run_id": st["parent_run_id"]})
+                          details={"error": error, "parent_run_id": st["parent_run_id"],
+                                   "compute_target": st["compute_target"], "log_tail": self._tails or {}})
             out.append(("alerts", env.run_id, make_envelope(env.run_id, st["experiment"], alert, env.seq,
                                                            event_id=derived_id("alert", env.event_id))))
         return out
 
 
-__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "is_repeat"]
+    @staticmethod
+    def liveness_check(st: dict[str, Any], now: float, since: float, heartbeat_timeout: float,
+                       not_responding_timeout: float) -> LivenessCheck | None:
+        """The check a timer should write for this run now, if any. `since`: when this worker started
+        (a worker that was away has not heard anyone, which says nothing about the runs)."""
+        status, seen = st.get("status"), st.get("last_seen")
+        if seen is None:
+            return None
+        silent = now - max(seen, since)
+        if status in LIVE_STATES and silent > heartbeat_timeout:
+            return LivenessCheck(if_status=RunStatus(status), to_status=RunStatus.NotResponding, last_seen=seen,
+                                 silent_s=now - seen)
+        if status == RunStatus.CancelRequested.value and silent > heartbeat_timeout:
+            # nobody is left to carry out the cancel: it is done
+            return LivenessCheck(if_status=RunStatus.CancelRequested, to_status=RunStatus.Canceled, last_seen=seen,
+                                 silent_s=now - seen)
+        if status == RunStatus.NotResponding.value:
+            entered = max(st.get("not_responding_since") or seen, since)
+            if now - entered > not_responding_timeout:
+                return LivenessCheck(if_status=RunStatus.NotResponding, to_status=RunStatus.Failed, last_seen=seen,
+                                     silent_s=now - seen)
+        return None
+
+
+#: States in which a run's processes must be sending heartbeats.
+LIVE_STATES = frozenset({RunStatus.Running.value, RunStatus.Finalizing.value})
+#: Log files whose last lines go into alerts.
+TAIL_FILE_PREFIX = "azureml-logs/70_driver_log"
+TAIL_LINES = 10
+
+
+def update_tails(tails: dict[str, list[str]], batch: LogBatch) -> bool:
+    """Keep the last TAIL_LINES lines of each driver log; True when something changed."""
+    if not batch.file.startswith(TAIL_FILE_PREFIX) or not batch.lines:
+        return False
+    kept = tails.get(batch.file, []) + [ln[:500] for ln in batch.lines[-TAIL_LINES:]]
+    tails[batch.file] = kept[-TAIL_LINES:]
+    return True
+
+
+__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "is_repeat", "update_tails", "LIVE_STATES"]

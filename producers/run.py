@@ -23,6 +23,7 @@ from runwatch.settings import Settings
 from .emitter import Emitter, get_emitter, track_run
 
 _time = time.time
+SCRIPT_RUN = "azureml.scriptrun"  # a submitted run: its launcher owns its lifecycle
 _FLOAT, _INT, _BOOL, _STR = DType.float, DType.int, DType.bool, DType.str
 _EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
 MAX_TEXT_VALUE = 65_536
@@ -101,7 +102,8 @@ class Run:
     def _start(cls, experiment: "Experiment", *, display_name: str | None = None, parent: "Run | None" = None,
                run_id: str | None = None, offline: bool = False, run_type: str = "interactive",
                properties: Mapping[str, str] | None = None, tags: Mapping[str, Any] | None = None,
-               status: RunStatus = RunStatus.Running, compute_target: str = "local") -> "Run":
+               status: RunStatus = RunStatus.Running, compute_target: str = "local",
+               heartbeats: bool = True) -> "Run":
         rid = run_id or f"{experiment.name}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
         run = cls(experiment, rid, display_name=display_name, parent_id=parent.id if parent else None,
                   run_type=run_type, status=status.value, _offline=offline, _fetch=False)
@@ -112,8 +114,16 @@ class Run:
         run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
                              compute_target=compute_target, status=status, properties=props, tags=tag_map,
                              created_ts=time.time()))
-        if status not in TERMINAL_STATES:
+        if status not in TERMINAL_STATES and heartbeats:
             run._em.open_run(run.id, experiment.name)
+        return run
+
+    @classmethod
+    def get(cls, workspace: "Workspace", run_id: str) -> "Run":
+        """Reopen a run by id alone (its experiment is looked up)."""
+        details = workspace._api().get(f"/api/runs/{run_id}")
+        run = cls(Experiment(workspace, details["experiment"]), run_id, _fetch=False)
+        run._apply_details(details)
         return run
 
     @classmethod
@@ -123,7 +133,7 @@ class Run:
         ws = Workspace.from_config()
         if run_id:
             exp = Experiment(ws, os.environ.get("RUNWATCH_EXPERIMENT", "default"))
-            run = cls(exp, run_id, run_type="script", status=RunStatus.Running.value, _fetch=False)
+            run = cls(exp, run_id, run_type=SCRIPT_RUN, status=RunStatus.Running.value, _fetch=False)
             run._em.open_run(run.id, exp.name)
             return run
         if not allow_offline:
@@ -309,13 +319,25 @@ class Run:
         self._set_status(RunStatus.Running)
 
     def complete(self, _set_status: bool = True) -> None:
+        """Mark the run Completed. A submitted run is completed by its launcher when every process
+        has exited: here it only flushes what was logged."""
+        if self.run_type == SCRIPT_RUN:
+            self._em.flush(timeout=10.0)
+            return
         self._finish(RunStatus.Completed)
 
     def fail(self, error_details: Any = None, error_code: str | None = None, _set_status: bool = True) -> None:
+        """Mark the run Failed (a submitted run too: its launcher then stops every process)."""
         error = {"message": str(error_details) if error_details is not None else "", "code": error_code}
         self._finish(RunStatus.Failed, error)
 
     def cancel(self) -> None:
+        """Cancel the run. A submitted run moves to CancelRequested; its launcher stops every
+        process and then marks it Canceled."""
+        if self.run_type == SCRIPT_RUN:
+            self._set_status(RunStatus.CancelRequested)
+            self._em.flush(timeout=10.0)
+            return
         self._finish(RunStatus.Canceled)
 
     def _finish(self, status: RunStatus, error: dict | None = None) -> None:
@@ -406,19 +428,38 @@ class Run:
     def wait_for_completion(self, show_output: bool = False, wait_post_processing: bool = False,
                             raise_on_error: bool = True, timeout: float | None = None,
                             poll_interval: float = 0.5) -> dict[str, Any]:
-        """Wait until the run reaches a terminal state; return get_details()."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.get_status()
-            if status in {s.value for s in TERMINAL_STATES}:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {self.id} is still {status} after {timeout} s")
-            time.sleep(poll_interval)
+        """Wait until the run reaches a terminal state and return get_details(). With show_output, print
+        the driver logs as they arrive (prefixed by rank when there are several), then a summary.
+        A Failed run raises RunFailedError unless raise_on_error=False."""
+        from .watch import wait
+
+        return wait(self, show_output, raise_on_error, timeout, poll_interval)
+
+    def get_details_with_logs(self) -> dict[str, Any]:
+        """get_details() plus "logFiles": the content of each of the run's log files."""
         details = self.get_details()
-        if raise_on_error and status == RunStatus.Failed.value:
-            raise RunwatchError(f"run {self.id} failed: {json.dumps(details.get('error'))}")
+        api = self._api()
+        details["logFiles"] = {f["name"]: api.text(f"/api/runs/{self.id}/files/{f['name']}")
+                               for f in api.get(f"/api/runs/{self.id}/files") if f["kind"] == "log"}
         return details
+
+    def get_file_names(self) -> list[str]:
+        """Every file of the run: its log files and the files stored for it."""
+        return [f["name"] for f in self._api().get(f"/api/runs/{self.id}/files")]
+
+    def restore_snapshot(self, snapshot_id: str | None = None, path: str | os.PathLike | None = None) -> str:
+        """Write the snapshot of a submitted run's source directory as a zip; return its path."""
+        target = Path(path) if path is not None else Path.cwd() / f"{self.id}-snapshot.zip"
+        if target.is_dir():
+            target = target / f"{self.id}-snapshot.zip"
+        tmp = target.with_name(target.name + ".part")
+        try:
+            with open(tmp, "wb") as fh:
+                self._api().download(f"/api/runs/{self.id}/snapshot", fh)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(target)
 
     def __repr__(self) -> str:
         return (f"Run(Experiment: {self.experiment.name},\nId: {self.id},\nType: {self.run_type},\n"
@@ -459,7 +500,13 @@ class Experiment:
         return run
 
     def submit(self, config: Any, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> Run:
-        raise NotImplementedError("Experiment.submit arrives with the launcher (docs/roadmap.md)")
+        """Submit a ScriptRunConfig: the run is Queued at once and carried out by a local launcher."""
+        from .launcher import submit
+
+        unknown = set(kwargs) - {"display_name"}
+        if unknown:
+            raise TypeError(f"Experiment.submit() got unexpected argument(s): {', '.join(sorted(unknown))}")
+        return submit(self, config, tags=dict(tags) if tags else None, display_name=kwargs.get("display_name"))
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name}, Workspace: {self.workspace.name})"

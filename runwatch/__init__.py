@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Workspace", "Experiment", "Run", "MetricError", "MetricTypeError", "RunwatchError", "__version__"]
+__all__ = ["Workspace", "Experiment", "Run", "ScriptRunConfig", "MetricError", "MetricTypeError", "RunwatchError",
+           "RunFailedError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,6 +15,14 @@ def __getattr__(name: str) -> Any:
         from producers import run as _run
 
         return getattr(_run, name)
+    if name == "ScriptRunConfig":
+        from producers.launcher import ScriptRunConfig
+
+        return ScriptRunConfig
+    if name == "RunFailedError":
+        from producers.watch import RunFailedError
+
+        return RunFailedError
     if name == "RunwatchError":
         from .client import RunwatchError
 

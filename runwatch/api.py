@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from sinks.files import FileError, FileStore
 from sinks.queries import Queries, counts
+
+from .settings import Settings
 
 log = logging.getLogger("runwatch.api")
 
@@ -27,10 +30,14 @@ def _bool(value: str | None) -> bool:
 
 
 class ReadApi:
-    def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], token: str | None = None):
+    def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], settings: Settings,
+                 files: FileStore, snapshots: FileStore):
         self.queries = queries
         self.health_fn = health
-        self.token = token
+        self.settings = settings
+        self.token = settings.api_token
+        self.files = files
+        self.snapshots = snapshots
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runwatch-api")
         self.app = web.Application(middlewares=[self._errors])
         r = self.app.router
@@ -41,6 +48,15 @@ class ReadApi:
         r.add_get("/api/runs/{run_id}/metrics", self.metrics)
         r.add_get("/api/runs/{run_id}/children", self.children)
         r.add_get("/api/runs/{run_id}/history", self.history)
+        r.add_get("/api/runs/{run_id}/files", self.file_list)
+        r.add_get("/api/runs/{run_id}/files/{name:.+}", self.file_get)
+        r.add_put("/api/runs/{run_id}/files/{name:.+}", self.file_put)
+        r.add_get("/api/runs/{run_id}/logs", self.logs)
+        r.add_get("/api/runs/{run_id}/snapshot", self.snapshot_get)
+        r.add_put("/api/runs/{run_id}/snapshot", self.snapshot_put)
+        r.add_get("/api/alerts", self.alerts)
+        r.add_get("/api/compute", self.compute)
+        r.add_get("/api/compute/{name}", self.compute_one)
         r.add_get("/runs/{run_id}", self.run_page)
         self.runner: web.AppRunner | None = None
 
@@ -131,6 +147,93 @@ class ReadApi:
 
     async def history(self, request: web.Request) -> web.Response:
         return self._json(await self._q(self.queries.history, request.match_info["run_id"]))
+
+    # -- files and logs ----------------------------------------------------------------------
+    async def file_list(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        await self._get_run(run_id)
+        logs = await self._q(self.queries.log_files, run_id)
+        stored = [dict(m, kind="file") for m in await self._q(self.files.list, run_id)]
+        return self._json(logs + stored)
+
+    async def logs(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        q = request.query
+        file = q.get("file")
+        if not file:
+            raise ValueError("give the log file: ?file=azureml-logs/70_driver_log_0.txt")
+        limit = int(q.get("limit", "1000"))
+        if not 1 <= limit <= 100_000:
+            raise ValueError("limit must be between 1 and 100000")
+        tail = q.get("tail")
+        return self._json(await self._q(self.queries.log_lines, run_id, file, int(q.get("after_seq", "-1")), limit,
+                                        int(tail) if tail is not None else None))
+
+    async def file_get(self, request: web.Request) -> web.StreamResponse:
+        run_id, name = request.match_info["run_id"], request.match_info["name"]
+        try:
+            path = await self._q(self.files.path, run_id, name)
+        except LookupError:
+            path = None
+        if path is not None:
+            meta = self.files.meta(run_id, name)
+            return web.FileResponse(path, headers={"Content-Type": meta["content_type"],
+                                                   "X-Content-SHA256": meta.get("sha256", "")})
+        first = await self._q(self.queries.log_lines, run_id, name, -1, 10_000)
+        if not first["lines"]:
+            await self._get_run(run_id)
+            raise LookupError(f"run {run_id} has no file {name!r}")
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        page = first
+        while page["lines"]:  # a log file is its lines in order, streamed page by page
+            await resp.write("".join(ln["line"] + "\n" for ln in page["lines"]).encode())
+            page = await self._q(self.queries.log_lines, run_id, name, page["next_seq"], 10_000)
+        await resp.write_eof()
+        return resp
+
+    async def file_put(self, request: web.Request) -> web.Response:
+        return await self._upload(request, self.files, request.match_info["name"], self.settings.max_file_bytes)
+
+    async def snapshot_get(self, request: web.Request) -> web.FileResponse:
+        path = await self._q(self.snapshots.path, request.match_info["run_id"], "snapshot.zip")
+        return web.FileResponse(path, headers={"Content-Type": "application/zip"})
+
+    async def snapshot_put(self, request: web.Request) -> web.Response:
+        return await self._upload(request, self.snapshots, "snapshot.zip", self.settings.snapshot_max_bytes)
+
+    async def _upload(self, request: web.Request, store: FileStore, name: str, max_bytes: int) -> web.Response:
+        run_id = request.match_info["run_id"]
+        if request.content_length is not None and request.content_length > max_bytes:
+            raise FileError(f"file {name!r} is {request.content_length} bytes; the limit is {max_bytes}")
+
+        async def body():
+            async for chunk in request.content.iter_chunked(1 << 20):
+                yield chunk
+            if request.content_length is not None and request.content.total_bytes != request.content_length:
+                raise FileError(f"upload of {name!r} was cut: {request.content.total_bytes} of "
+                                f"{request.content_length} bytes arrived")
+
+        meta = await store.write(run_id, name, body(), sha256=request.headers.get("X-Content-SHA256"),
+                                 max_bytes=max_bytes, content_type=request.headers.get("Content-Type"))
+        return self._json(meta, status=201)
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        limit = int(request.query.get("limit", "100"))
+        if not 1 <= limit <= 10_000:
+            raise ValueError("limit must be between 1 and 10000")
+        return self._json(await self._q(self.queries.alerts, request.query.get("run_id"), limit))
+
+    # -- compute -----------------------------------------------------------------------------
+    async def compute(self, request: web.Request) -> web.Response:
+        return self._json(await self._q(self.queries.compute, self.settings.compute()))
+
+    async def compute_one(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        targets = await self._q(self.queries.compute, self.settings.compute(), name)
+        if not targets:
+            raise LookupError(f"no compute target {name!r}; configured: {', '.join(self.settings.compute())}")
+        return self._json(targets[0])
 
     async def run_page(self, request: web.Request) -> web.Response:
         run = await self._get_run(request.match_info["run_id"])

@@ -243,6 +243,142 @@ def _short(v: Any, n: int = 8) -> str:
     return _num(v)
 
 
+# ------------------------------------------------------------------------------ submitted runs
+def _workspace(home: Optional[Path]):
+    from producers.run import Workspace
+
+    return Workspace(settings=_settings(home))
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def submit(script: str = typer.Argument(..., help="The script to run, relative to --source-dir."),
+           args: Optional[list[str]] = typer.Argument(None, help="Arguments passed to the script."),
+           experiment: str = typer.Option(..., "--experiment", "-e", help="The experiment's name."),
+           nodes: int = typer.Option(1, "--nodes", help="node_count: how many nodes to start."),
+           procs: int = typer.Option(1, "--procs", help="process_count_per_node: processes per node."),
+           compute: str = typer.Option("local", "--compute", help="The compute target (setting compute_targets)."),
+           source_dir: Path = typer.Option(Path("."), "--source-dir", help="Snapshotted and run from there."),
+           env: Optional[list[str]] = typer.Option(None, "--env", help="NAME=VALUE for the script; repeat."),
+           no_wait: bool = typer.Option(False, "--no-wait", help="Print the run id and return at once."),
+           home: Optional[Path] = HomeOpt) -> None:
+    """Submit SCRIPT as a run: wait for it and show its output (options go before SCRIPT)."""
+    from producers.launcher import ConfigError, ScriptRunConfig
+    from producers.run import Experiment
+    from producers.snapshot import SnapshotError
+    from producers.watch import RunFailedError
+
+    variables = {}
+    for item in env or []:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            _fail(f"--env {item!r}: give NAME=VALUE", 2)
+        variables[k] = v
+    try:
+        exp = Experiment(_workspace(home), experiment)
+        config = ScriptRunConfig(source_directory=str(source_dir), script=script, arguments=list(args or []),
+                                 compute_target=compute, node_count=nodes, process_count_per_node=procs,
+                                 environment_variables=variables)
+        run = exp.submit(config)
+    except (ConfigError, SnapshotError, RunwatchError, ValueError) as exc:
+        _fail(str(exc), 2)
+    if no_wait:
+        typer.echo(run.id)
+        return
+    try:
+        details = run.wait_for_completion(show_output=True)
+    except RunFailedError:
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; the run goes on. Cancel it with `runwatch cancel {run.id}`")
+        raise typer.Exit(130)
+    raise typer.Exit(0 if details["status"] == "Completed" else 1)
+
+
+@app.command()
+def cancel(run_id: str, home: Optional[Path] = HomeOpt) -> None:
+    """Cancel a run; a submitted run's launcher stops every one of its processes."""
+    from producers.run import Run
+
+    run = _call(lambda: Run.get(_workspace(home), run_id))
+    was = run.status
+    if was in ("Completed", "Failed", "Canceled"):
+        _fail(f"run {run_id} is already {was}")
+    run.cancel()
+    console.print(f"cancel requested for {run_id} (it was {was}); its launcher stops its processes"
+                  if run.run_type == "azureml.scriptrun" else f"run {run_id} canceled (it was {was})")
+
+
+@app.command()
+def files(run_id: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Every file of a run: its log files (azureml-logs/, logs/) and stored files."""
+    rows = _call(lambda: _client(home).get(f"/api/runs/{run_id}/files"))
+    if as_json:
+        return _print_json(rows)
+    t = Table(Column("file", overflow="fold"), "kind", "lines", "bytes", "last written (UTC)")
+    for f in rows:
+        t.add_row(f["name"], f["kind"], str(f.get("lines", "")), str(f.get("bytes", f.get("size", ""))),
+                  (f.get("last_ts") or "")[:19].replace("T", " "))
+    console.print(t)
+
+
+@app.command()
+def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "-f",
+                                                              help="A log file (see `runwatch files`); repeat."),
+         follow: bool = typer.Option(False, "--follow", help="Keep printing new lines until the run ends."),
+         tail: Optional[int] = typer.Option(None, "--tail", help="Start with the last N lines."),
+         home: Optional[Path] = HomeOpt) -> None:
+    """Print a run's log files (default: the driver logs of every process); --follow keeps going."""
+    import time
+
+    from producers.watch import OutputFollower, driver_files
+
+    client = _client(home)
+    listed = _call(lambda: client.get(f"/api/runs/{run_id}/files"))
+    names = {f["name"] for f in listed}
+    chosen = list(file) if file else None
+    for f in chosen or []:
+        if f not in names and not follow:
+            _fail(f"run {run_id} has no log file {f!r}; it has: {', '.join(sorted(names)) or 'none yet'}", 4)
+    out = typer.get_text_stream("stdout")
+    follower = OutputFollower(client, run_id, out, chosen)
+    if tail is not None:
+        for f in chosen or driver_files(listed):
+            page = client.get(f"/api/runs/{run_id}/logs", file=f, tail=tail)
+            follower.cursor[f] = page["lines"][0]["seq"] - 1 if page["lines"] else -1
+    try:
+        while True:
+            _call(follower.poll)
+            if not follow:
+                return
+            status = _call(lambda: client.get(f"/api/runs/{run_id}"))["status"]
+            if status in ("Completed", "Failed", "Canceled"):
+                time.sleep(1.0)  # the last lines may still be on their way
+                _call(follower.poll)
+                return
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+@app.command()
+def clusters(name: Optional[str] = typer.Argument(None, help="One compute target."),
+             home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Compute targets with their slots and their queued and running runs."""
+    client = _client(home)
+    rows = _call(lambda: [client.get(f"/api/compute/{name}")] if name else client.get("/api/compute"))
+    if as_json:
+        return _print_json(rows)
+    for c in rows:
+        console.print(f"[bold]{c['name']}[/bold]: {c['slots_in_use']} of {c['slots'] or '?'} process slots in use, "
+                      f"{len(c['running'])} running, {len(c['queued'])} queued", highlight=False)
+        if c["running"] or c["queued"]:
+            t = Table(Column("run", overflow="fold"), "experiment", "status", "processes", "since (UTC)")
+            for r in c["running"] + c["queued"]:
+                t.add_row(r["run_id"], r["experiment"], r["status"], str(r["processes"]),
+                          ((r["start_time"] or r["created_time"]) or "")[:19].replace("T", " "))
+            console.print(t)
+
+
 @app.command()
 def demo(home: Optional[Path] = HomeOpt, steps: int = typer.Option(300, help="Training steps of the sample run."),
          keep: bool = typer.Option(True, help="Leave the stack running afterwards.")) -> None:

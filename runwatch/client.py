@@ -61,6 +61,48 @@ class ApiClient:
             raise StackNotRunning(self._base) from exc
         return _result(resp)
 
+    def upload(self, path: str, source, size: int | None = None, sha256: str | None = None,
+               content_type: str | None = None) -> Any:
+        """PUT a file's bytes; `source` is a binary file object or an iterator of bytes (streamed, not loaded)."""
+        headers = {}
+        if sha256:
+            headers["X-Content-SHA256"] = sha256
+        if content_type:
+            headers["Content-Type"] = content_type
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        body = iter(lambda: source.read(1 << 20), b"") if hasattr(source, "read") else source
+        try:
+            resp = self._http().put(path, content=body, headers=headers, timeout=None)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise StackNotRunning(self._base) from exc
+        return _result(resp)
+
+    def download(self, path: str, fh) -> int:
+        """GET a file's bytes into the binary file object `fh`, streamed; return the number of bytes."""
+        n = 0
+        try:
+            with self._http().stream("GET", path, timeout=None) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _result(resp)
+                for chunk in resp.iter_bytes(1 << 20):
+                    fh.write(chunk)
+                    n += len(chunk)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise StackNotRunning(self._base) from exc
+        return n
+
+    def text(self, path: str, **params: Any) -> str:
+        clean = {k: v for k, v in params.items() if v is not None}
+        try:
+            resp = self._http().get(path, params=clean)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise StackNotRunning(self._base) from exc
+        if resp.status_code >= 400:
+            _result(resp)
+        return resp.text
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -109,6 +109,17 @@ class Heartbeat(_Model):
     dropped: int = 0
 
 
+class LivenessCheck(_Model):
+    """Written by a processor's timer to the run's own partition: heartbeats stopped; apply `to_status`
+    only if the run is still in `if_status` and nothing was heard from it since `last_seen`."""
+
+    kind: Literal["liveness"] = "liveness"
+    if_status: RunStatus
+    to_status: RunStatus
+    last_seen: float
+    silent_s: float
+
+
 # --- payloads: data (topics `metrics`, `logs`) -------------------------------------------
 class MetricName(_Model):
     name: str
@@ -250,7 +261,7 @@ class DeadLetter(_Model):
 
 
 Payload = Annotated[
-    Union[RunCreated, StatusChanged, TagsSet, PropertiesSet, Heartbeat, MetricBatch, LogBatch,
+    Union[RunCreated, StatusChanged, TagsSet, PropertiesSet, Heartbeat, LivenessCheck, MetricBatch, LogBatch,
           MetricAggregates, RunState, Transition, Alert, DeadLetter],
     Field(discriminator="kind"),
 ]

@@ -62,7 +62,26 @@ class Settings:
     broker_port: int = 19092
     sink_max_wait: float = 0.1
     sink_max_batch_events: int = 2000
+    #: Seconds without a heartbeat before a Running run becomes NotResponding.
     heartbeat_timeout: float = 30.0
+    #: Seconds a run may stay NotResponding before it is declared Failed.
+    not_responding_timeout: float = 60.0
+    #: Where alerts (Failed, NotResponding) are POSTed as JSON; none when unset.
+    alert_webhook_url: str | None = None
+    alert_webhook_attempts: int = 5
+    #: Where run files (snapshots, uploads, outputs) are kept; default HOME/files.
+    files_dir: Path | None = None
+    #: Largest single file the store takes (uploads, outputs/).
+    max_file_bytes: int = 1 << 30
+    # --- submitted runs ----------------------------------------------------------------
+    #: Compute targets of the local launcher and their process slots: "name=slots,name=slots".
+    compute_targets: str = "local=4"
+    #: Largest snapshot of a source directory (Azure ML's limit was 300 MB).
+    snapshot_max_bytes: int = 300 << 20
+    #: Longer output lines are cut into pieces of this many characters.
+    max_log_line: int = 16_384
+    #: Seconds a rank gets to exit after SIGTERM (cancel, or another rank failed) before SIGKILL.
+    kill_grace: float = 10.0
 
     # ---------------------------------------------------------------------------------
     @classmethod
@@ -92,6 +111,33 @@ class Settings:
                 if parsed is not _INVALID:
                     values[f.name] = parsed
         return cls(**values)
+
+    def compute(self) -> dict[str, int]:
+        """The compute targets and their slots, from `compute_targets`; a malformed entry is a clear error."""
+        out: dict[str, int] = {}
+        for item in filter(None, (x.strip() for x in self.compute_targets.split(","))):
+            name, eq, slots = item.partition("=")
+            try:
+                n = int(slots) if eq else 0
+            except ValueError:
+                n = 0
+            if not name.strip() or n < 1:
+                raise ValueError(f"setting compute_targets: {item!r} must be NAME=SLOTS with SLOTS >= 1 "
+                                 f"(whole setting: {self.compute_targets!r})")
+            out[name.strip()] = n
+        return out
+
+    def files_root(self) -> Path:
+        return self.files_dir or self.home / "files"
+
+    def as_env(self) -> dict[str, str]:
+        """RUNWATCH_* variables that make a child process resolve exactly these settings."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[ENV_PREFIX + f.name.upper()] = str(value)
+        return out
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

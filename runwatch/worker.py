@@ -30,6 +30,7 @@ def run(settings: Settings) -> None:
 
     from processors.app import Processors
     from producers.emitter import ensure_topics
+    from sinks.files import FileStore
     from sinks.queries import Queries
     from sinks.schema import migrate
     from sinks.writer import ClickHouseSink
@@ -57,7 +58,9 @@ def run(settings: Settings) -> None:
             "uptime_s": round(time.time() - started, 3),
             "schema_version": version,
             "processors": {"ready": procs.ready, "events": procs.events, "dead_letters": procs.dead_letters,
-                           "errors": procs.errors},
+                           "errors": procs.errors, "liveness_checks": procs.liveness_checks},
+            "webhook": ({"url": settings.alert_webhook_url, "delivered": procs.webhook.delivered,
+                         "failed": procs.webhook.failed} if procs.webhook else None),
             "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
                      "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped,
                      "dead_letters": sink.stats.dead_letters, "lag": dict(sink.stats.lag),
@@ -65,7 +68,8 @@ def run(settings: Settings) -> None:
             "broker": bootstrap,
         }
 
-    api = ReadApi(Queries(reader_client), health, settings.api_token)
+    api = ReadApi(Queries(reader_client), health, settings, FileStore(settings.files_root() / "runs"),
+                  FileStore(settings.files_root() / "snapshots"))
     state_file = settings.home / "worker.json"
 
     @procs.app.task

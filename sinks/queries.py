@@ -153,6 +153,64 @@ class Queries:
         return [{"ts": _iso(ts), "from": f or None, "to": t, "applied": bool(a), "reason": reason}
                 for ts, f, t, a, reason in rows]
 
+    # -- log files ------------------------------------------------------------------------------
+    def log_files(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._rows(f"""
+            SELECT file, min(node), min(rank), uniqExact(seq), sum(length(line) + 1), max(seq), max(ts)
+            FROM {DB}.log_lines WHERE run_id = {{run_id:String}} GROUP BY file ORDER BY file""", run_id=run_id)
+        return [{"name": f, "node": int(n), "rank": int(r), "lines": int(c), "bytes": int(b), "last_seq": int(s),
+                 "last_ts": _iso(ts), "kind": "log"} for f, n, r, c, b, s, ts in rows]
+
+    def log_lines(self, run_id: str, file: str, after_seq: int = -1, limit: int = 1000,
+                  tail: int | None = None) -> dict[str, Any]:
+        """Lines of one log file after `after_seq` (paged by sequence number), or its last `tail` lines."""
+        base = f"""SELECT seq, ts, stream, node, rank, line FROM {DB}.log_lines
+                   WHERE run_id = {{run_id:String}} AND file = {{file:String}}"""
+        if tail is not None:
+            sql = f"""SELECT * FROM ({base} ORDER BY seq DESC LIMIT 1 BY seq LIMIT {{n:UInt32}}) ORDER BY seq"""
+            rows = self._rows(sql, run_id=run_id, file=file, n=int(tail))
+        else:
+            sql = f"{base} AND seq > {{after:Int64}} ORDER BY seq LIMIT 1 BY seq LIMIT {{n:UInt32}}"
+            rows = self._rows(sql, run_id=run_id, file=file, after=int(after_seq), n=int(limit))
+        lines = [{"seq": int(s), "ts": _iso(ts), "stream": st, "node": int(n), "rank": int(r), "line": ln}
+                 for s, ts, st, n, r, ln in rows]
+        return {"file": file, "lines": lines, "next_seq": lines[-1]["seq"] if lines else int(after_seq)}
+
+    # -- alerts ---------------------------------------------------------------------------------
+    def alerts(self, run_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        where, params = "1", {"limit": int(limit)}
+        if run_id is not None:
+            where = "run_id = {run_id:String}"
+            params["run_id"] = run_id
+        rows = self._rows(f"""SELECT alert_id, run_id, experiment, ts, status, reason, details FROM {DB}.alerts FINAL
+                              WHERE {where} ORDER BY ts DESC LIMIT {{limit:UInt32}}""", **params)
+        return [{"alert_id": a, "run_id": r, "experiment": e, "ts": _iso(ts), "status": st, "reason": reason,
+                 "details": json.loads(d) if d else {}} for a, r, e, ts, st, reason, d in rows]
+
+    # -- compute --------------------------------------------------------------------------------
+    def compute(self, slots: dict[str, int], name: str | None = None) -> list[dict[str, Any]]:
+        """Each compute target with its queued and active submitted runs (oldest first) and the slots they hold."""
+        where = "status IN {active:Array(String)} AND run_type = 'azureml.scriptrun'"
+        params: dict[str, Any] = {"active": list(ACTIVE_STATES)}
+        if name is not None:
+            where += " AND compute_target = {target:String}"
+            params["target"] = name
+        rows = self._rows(f"SELECT {RUN_COLUMNS} FROM {DB}.runs FINAL WHERE {where} ORDER BY created_time", **params)
+        targets = {t: {"name": t, "slots": n, "queued": [], "running": [], "slots_in_use": 0}
+                   for t, n in slots.items() if name in (None, t)}
+        for r in map(run_row, rows):
+            t = targets.setdefault(r["compute_target"], {"name": r["compute_target"], "slots": None, "queued": [],
+                                                         "running": [], "slots_in_use": 0})
+            procs = _int(r["properties"].get("_runwatch.processes"), 1)
+            entry = {k: r[k] for k in ("run_id", "experiment", "status", "created_time", "start_time")}
+            entry["processes"] = procs
+            if r["status"] == "Queued":
+                t["queued"].append(entry)
+            else:
+                t["running"].append(entry)
+                t["slots_in_use"] += procs
+        return sorted(targets.values(), key=lambda t: t["name"])
+
     # -- metrics ------------------------------------------------------------------------------
     def aggregates(self, run_ids: list[str], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         where = "run_id IN {ids:Array(String)}"
@@ -211,6 +269,17 @@ class Queries:
         rows = self._rows(f"""SELECT table, sum(rows), sum(bytes_on_disk), sum(data_compressed_bytes)
                               FROM system.parts WHERE database = '{DB}' AND active GROUP BY table""")
         return {t: {"rows": int(n), "bytes_on_disk": int(b), "compressed_bytes": int(c)} for t, n, b, c in rows}
+
+
+#: States in which a run holds (or waits for) compute.
+ACTIVE_STATES = ("Queued", "Preparing", "Starting", "Running", "Finalizing", "CancelRequested", "NotResponding")
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def counts(storage: dict[str, dict[str, int]]) -> dict[str, int]:

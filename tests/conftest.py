@@ -139,8 +139,10 @@ class Worker(_Process):
 
     stop_timeout = 20
 
-    def __init__(self, broker: Broker, home: Path, prefix: str):
+    def __init__(self, broker: Broker, home: Path, prefix: str, extra_env: dict[str, str] | None = None):
         self.broker, self.home, self.prefix = broker, home, prefix
+        #: Settings for the worker and for the SDK processes of the tests that use it.
+        self.extra_env = dict(extra_env or {})
         self.api_port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -151,7 +153,7 @@ class Worker(_Process):
     def env(self) -> dict[str, str]:
         return dict(os.environ, RUNWATCH_HOME=str(self.home), RUNWATCH_BOOTSTRAP_SERVERS=self.broker.bootstrap,
                     RUNWATCH_TOPIC_PREFIX=self.prefix, RUNWATCH_BROKER_KIND="tansu",
-                    RUNWATCH_API_PORT=str(self.api_port), RUNWATCH_API_URL=self.api_url)
+                    RUNWATCH_API_PORT=str(self.api_port), RUNWATCH_API_URL=self.api_url, **self.extra_env)
 
     def start(self, timeout: float = 60) -> "Worker":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -194,6 +196,8 @@ def stack_env(worker, monkeypatch, tmp_path):
     monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
     monkeypatch.setenv("RUNWATCH_API_URL", worker.api_url)
     monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.05")
+    for k, v in worker.extra_env.items():
+        monkeypatch.setenv(k, v)
     yield worker
     from producers.emitter import close_all
 

@@ -1,0 +1,130 @@
+"""wait_for_completion(show_output=True): stream a run's driver logs as they arrive, then its summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from runwatch.client import NotFound, RunwatchError
+from runwatch.events import TERMINAL_STATES
+
+DRIVER_PREFIX = "azureml-logs/70_driver_log_"
+LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
+_TERMINAL = {s.value for s in TERMINAL_STATES}
+
+
+class RunFailedError(RunwatchError):
+    """A run ended Failed; `details` holds get_details() (its error names each failed process)."""
+
+    def __init__(self, message: str, details: dict[str, Any]):
+        super().__init__(message)
+        self.details = details
+
+
+def driver_files(files: list[dict[str, Any]]) -> list[str]:
+    names = [f["name"] for f in files if f["name"].startswith(DRIVER_PREFIX)]
+    return sorted(names, key=lambda n: int(n[len(DRIVER_PREFIX):].split(".")[0] or 0))
+
+
+class OutputFollower:
+    """Prints new lines of a run's driver logs on each `poll()`, prefixed by rank when there are several."""
+
+    def __init__(self, api, run_id: str, out: TextIO, files: list[str] | None = None):
+        self.api = api
+        self.run_id = run_id
+        self.out = out
+        self.fixed = files
+        self.cursor: dict[str, int] = {}
+        self.printed: dict[str, int] = {}
+
+    def poll(self) -> int:
+        files = self.fixed or driver_files(self.api.get(f"/api/runs/{self.run_id}/files"))
+        several = len(files) > 1 or (self.fixed is None and len(self.cursor) > 1)
+        n = 0
+        for f in files:
+            while True:
+                page = self.api.get(f"/api/runs/{self.run_id}/logs", file=f, after_seq=self.cursor.get(f, -1),
+                                    limit=5000)
+                lines = page["lines"]
+                if not lines:
+                    break
+                prefix = f"[rank {lines[0]['rank']}] " if several and f.startswith(DRIVER_PREFIX) else ""
+                self.out.write("".join(f"{prefix}{ln['line']}\n" for ln in lines))
+                self.cursor[f] = page["next_seq"]
+                self.printed[f] = self.printed.get(f, 0) + len(lines)
+                n += len(lines)
+                if len(lines) < 5000:
+                    break
+        if n:
+            self.out.flush()
+        return n
+
+    def caught_up(self, expected: dict[str, int]) -> bool:
+        files = self.fixed or [f for f in expected if f.startswith(DRIVER_PREFIX)]
+        return all(self.printed.get(f, 0) >= expected.get(f, 0) for f in files)
+
+
+def wait(run, show_output: bool, raise_on_error: bool, timeout: float | None, poll_interval: float,
+         out: TextIO | None = None) -> dict[str, Any]:
+    out = out or sys.stdout
+    api = run._api()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    follower = OutputFollower(api, run.id, out) if show_output else None
+    last_status = None
+    if show_output:
+        out.write(f"RunId: {run.id}\nWeb View: {run.get_portal_url()}\n\n")
+        out.flush()
+    unseen_since = time.monotonic()
+    while True:
+        try:
+            status = run.get_status()
+        except NotFound:
+            # a run submitted a moment ago is on its way through the pipeline
+            if time.monotonic() - unseen_since > 30:
+                raise
+            time.sleep(poll_interval)
+            continue
+        if show_output and status != last_status:
+            out.write(f"[status] {status}\n")
+            out.flush()
+        last_status = status
+        if follower is not None and status not in ("NotStarted", "Queued"):
+            follower.poll()
+        if status in _TERMINAL:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {run.id} is still {status} after {timeout} s")
+        time.sleep(poll_interval)
+    details = run.get_details()
+    if follower is not None:
+        # the final status can overtake the last log lines (they travel on another topic): wait for the
+        # counts the launcher recorded, for at most 10 s
+        expected = json.loads(details.get("properties", {}).get(LOG_COUNTS_PROPERTY) or "{}")
+        settle = time.monotonic() + 10
+        while not follower.caught_up(expected) and time.monotonic() < settle:
+            time.sleep(0.2)
+            follower.poll()
+        _summary(out, run, details)
+    if raise_on_error and details["status"] == "Failed":
+        raise RunFailedError(f"run {run.id} failed: {json.dumps(details.get('error'))}", details)
+    return details
+
+
+def _summary(out: TextIO, run, d: dict[str, Any]) -> None:
+    out.write("\nExecution Summary\n=================\n")
+    out.write(f"RunId: {run.id}\nWeb View: {run.get_portal_url()}\nStatus: {d['status']}\n")
+    if d.get("durationSeconds") is not None:
+        out.write(f"Duration: {d['durationSeconds']:.1f} s\n")
+    err = d.get("error")
+    if d["status"] == "Failed" and err:
+        out.write(f"Error: {err.get('message')}\n")
+        for p in err.get("details") or []:
+            if p.get("stopped_by_launcher"):
+                out.write(f"  rank {p['rank']} was stopped when another rank failed\n")
+            elif p.get("exit_code"):
+                out.write(f"  rank {p['rank']} exited with code {p['exit_code']}; last lines of its stderr:\n")
+                out.write("".join(f"    {ln}\n" for ln in p.get("stderr_tail", [])[-5:]))
+    out.write("\n")
+    out.flush()
