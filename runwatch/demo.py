@@ -1,56 +1,27 @@
-"""`runwatch demo`: the stack, plus a sample 2-process training run that logs every metric kind, shown live."""
+"""`runwatch demo`: the stack, plus the sample training submitted as a 2-process run, shown live."""
 
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
+import os
 import time
+from pathlib import Path
 
-import numpy as np
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from .settings import Settings
 
-WORKERS = 2
-
-
-def train(parent_id: str, experiment: str, rank: int, steps: int, home: str) -> None:
-    """A tiny logistic regression on synthetic data: no ML framework needed."""
-    from producers.run import Experiment, Run, Workspace
-
-    ws = Workspace.from_config(home=home)
-    exp = Experiment(ws, experiment)
-    parent = Run(exp, parent_id, _fetch=False)
-    rng = np.random.default_rng(rank)
-    x = rng.normal(size=(2048, 8))
-    w_true = rng.normal(size=8)
-    y = (x @ w_true + 0.3 * rng.normal(size=2048) > 0).astype(float)
-    w = np.zeros(8)
-    lr = 0.5 / (rank + 1)
-    with parent.child_run(name=f"rank-{rank}", run_id=f"{parent_id}_rank{rank}") as run:
-        run.tag("rank", str(rank))
-        run.add_properties({"learning_rate": str(lr)})
-        run.log("learning_rate", lr)
-        run.log("optimizer", "sgd")
-        for step in range(steps):
-            p = 1 / (1 + np.exp(-(x @ w)))
-            loss = float(-np.mean(y * np.log(p + 1e-9) + (1 - y) * np.log(1 - p + 1e-9)))
-            w -= lr * x.T @ (p - y) / len(y)
-            run.log("loss", loss)
-            run.log("accuracy", float(np.mean((p > 0.5) == y)))
-            if step % 25 == 0:
-                run.log_row("weight norm", step=step, norm=float(np.linalg.norm(w)))
-            time.sleep(0.01)
-        run.log_list("final weights", w)
-        edges = np.linspace(0, 1, 11)
-        hist, _ = np.histogram(p, bins=edges)
-        run.log_table("calibration", {"bin": edges[:-1].tolist(), "count": hist.tolist()})
+PROCESSES = 2
+SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True) -> int:
+    from producers.launcher import ScriptRunConfig
     from producers.run import Experiment, Workspace
+    from producers.watch import OutputFollower
 
     from .client import RunwatchError
     from .stack import StackError, down, up
@@ -63,52 +34,61 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
         return 1
     console.print(f"runwatch is up in {result.seconds:.1f} s: broker {result.record['bootstrap_servers']}, "
                   f"read API {result.record['api_url']}, data in {settings.home}")
-    ws = Workspace.from_config(home=str(settings.home))
+    ws = Workspace(settings=settings)
     exp = Experiment(ws, "sample")
-    parent = exp.start_logging(display_name="sample training")
-    parent.tag("demo")
-    parent.flush()
-    console.print(f"sample run {parent.id}: {WORKERS} training processes, {steps} steps each\n")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=train, args=(parent.id, exp.name, r, steps, str(settings.home)))
-             for r in range(WORKERS)]
-    for p in procs:
-        p.start()
+    config = ScriptRunConfig(source_directory=str(SAMPLES), script="train.py", arguments=[steps],
+                             process_count_per_node=PROCESSES)
+    run = exp.submit(config, tags={"demo": None})
+    console.print(f"submitted run {run.id}: {PROCESSES} processes of samples/train.py, {steps} steps each "
+                  "(the same as `runwatch submit --procs 2 train.py`)\n")
+
+    class Lines:  # the driver logs, as they arrive, go above the live table
+        def write(self, text: str) -> None:
+            for line in text.splitlines():
+                console.print(Text(line), highlight=False)
+
+        def flush(self) -> None:
+            pass
+
+    follower = OutputFollower(ws._api(), run.id, Lines())
+    status = "Queued"
     try:
-        with Live(console=console, refresh_per_second=4) as live:
-            while any(p.is_alive() for p in procs):
-                live.update(_live_table(exp, parent.id, steps))
-                time.sleep(0.5)
-            for p in procs:
-                p.join()
-            parent.complete()
-            deadline = time.monotonic() + 30
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            deadline = time.monotonic() + max(120, steps * 0.2)
             while time.monotonic() < deadline:
-                table, done = _live_table(exp, parent.id, steps, final=True)
-                live.update(table)
-                if done and parent.get_status() == "Completed":
+                try:
+                    status = run.get_status()
+                except RunwatchError:
+                    status = "Queued"  # on its way through the pipeline
+                if status not in ("Queued", "NotStarted"):
+                    follower.poll()
+                live.update(_live_view(exp, run.id, status, steps))
+                if status in ("Completed", "Failed", "Canceled") and _children_done(exp, run.id, steps):
                     break
-                time.sleep(0.3)
+                time.sleep(0.5)
+            follower.poll()
+            live.update(_live_view(exp, run.id, status, steps))
     except RunwatchError as exc:
         console.print(f"[red]{exc}[/red]")
         return 1
-    failed = [p.exitcode for p in procs if p.exitcode]
-    if failed:
-        console.print(f"[red]a training process failed (exit codes {failed})[/red]")
+    if status != "Completed":
+        err = run.get_details().get("error") or {}
+        console.print(f"[red]the sample run ended {status}: {err.get('message', '')}[/red]")
         return 1
     console.print()
-    child = f"{parent.id}_rank0"
+    child = f"{run.id}_rank0"
     metrics = ws._api().get(f"/api/runs/{child}/metrics")
     console.print(f"[bold]get_metrics() of {child}[/bold]")
     for name, value in metrics.items():
         console.print(f"  {name:>15}: {_short(value)}", highlight=False)
     console.print("\n[bold]Where to look next[/bold]")
-    home = f" --home {settings.home}" if "RUNWATCH_HOME" not in __import__("os").environ else ""
-    console.print(f"  runwatch runs list --experiment sample --children{home}")
-    console.print(f"  runwatch runs list --experiment sample --children --metric loss --sort min{home}")
-    console.print(f"  runwatch metrics {child}{home}")
-    console.print(f"  runwatch runs show {parent.id}{home}")
-    console.print(f"  {parent.get_portal_url()}   (the run's page)")
+    home = f" --home {settings.home}" if "RUNWATCH_HOME" not in os.environ else ""
+    for cmd in (f"runwatch files {run.id}", f"runwatch logs {run.id} --file azureml-logs/55_azureml-execution-0.txt",
+                "runwatch runs list --experiment sample --children --metric loss --sort min",
+                f"runwatch runs show {run.id}", "runwatch clusters",
+                f"runwatch submit -e sample --procs 2 --source-dir {SAMPLES} train.py 100"):
+        console.print(f"  {cmd}{home}", highlight=False)
+    console.print(f"  {run.get_portal_url()}   (the run's page)", highlight=False)
     if keep:
         console.print("The stack keeps running; stop it with `runwatch down`.")
     else:
@@ -116,19 +96,30 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
     return 0
 
 
-def _live_table(exp, parent_id: str, steps: int, final: bool = False):
-    runs = exp.workspace._api().get("/api/runs", parent=parent_id, metric=["loss", "accuracy"])
-    t = Table(title=f"experiment {exp.name} / run {parent_id}")
-    for col in ("run", "status", "steps", "loss (last)", "loss (min)", "accuracy (last)"):
+def _children(exp, run_id: str) -> list[dict]:
+    return exp.workspace._api().get("/api/runs", parent=run_id, metric=["loss", "accuracy"])
+
+
+def _children_done(exp, run_id: str, steps: int) -> bool:
+    kids = _children(exp, run_id)
+    return len(kids) == PROCESSES and all(
+        k["status"] == "Completed" and k.get("metrics", {}).get("loss", {}).get("count") == steps for k in kids)
+
+
+def _live_view(exp, run_id: str, status: str, steps: int):
+    t = Table(title=f"experiment {exp.name} / run {run_id}: [bold]{status}[/bold]")
+    for col in ("child run", "status", "steps", "loss (last)", "loss (min)", "accuracy (last)"):
         t.add_column(col)
-    done = len(runs) == WORKERS
-    for r in runs:
+    try:
+        kids = _children(exp, run_id)
+    except Exception:
+        kids = []
+    for r in kids:
         m = r.get("metrics", {})
         loss, acc = m.get("loss", {}), m.get("accuracy", {})
-        t.add_row(r["run_id"][-6:], r["status"], f"{loss.get('count', 0)}/{steps}", _f(loss.get("last")),
-                  _f(loss.get("min")), _f(acc.get("last")))
-        done = done and r["status"] == "Completed" and loss.get("count", 0) == steps
-    return (t, done) if final else t
+        t.add_row(r["display_name"] or r["run_id"], r["status"], f"{loss.get('count', 0)}/{steps}",
+                  _f(loss.get("last")), _f(loss.get("min")), _f(acc.get("last")))
+    return Group(t)
 
 
 def _f(x) -> str:

@@ -54,3 +54,16 @@ def test_up_status_restart_down_and_two_stacks(tmp_path):
     assert gone.returncode == 3 and "runwatch up" in gone.stderr
     st = rw(a, "status")
     assert st.returncode == 3 and "not running" in st.stderr
+
+
+def test_demo_submits_the_sample_as_a_two_process_run_and_shows_it_live(tmp_path):
+    out = rw(tmp_path / "demo", "demo", "--steps", "30", "--no-keep", timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "2 processes of samples/train.py" in text
+    for rank in (0, 1):
+        assert f"[rank {rank}] rank {rank} of 2: 30 steps" in text
+        assert f"[rank {rank}] rank {rank} done" in text
+    assert "Completed" in text and "30/30" in text
+    assert "get_metrics() of sample_" in text and "loss: [0.6931" in text
+    assert "keeps running" not in text and not (tmp_path / "demo" / "stack.json").exists()  # --no-keep: it is down

@@ -334,3 +334,23 @@ def test_reopened_run_can_be_failed_from_another_process(stack_env, tmp_path):
     details = run.wait_for_completion(raise_on_error=False, timeout=60)
     assert details["status"] == "Failed" and details["error"]["message"] == "stopped by the operator"
     wait_until(lambda: gone(pids[0]), 30, what="the rank stopped after the run was failed elsewhere")
+
+
+def test_two_nodes_and_a_run_over_its_time_limit(stack_env, tmp_path):
+    worker = stack_env
+    src = source(tmp_path, "train.py", """
+        import os, time
+        print("node", os.environ["NODE_RANK"], "rank", os.environ["RANK"], "local", os.environ["LOCAL_RANK"])
+        time.sleep(600)
+    """)
+    exp = Experiment(Workspace.from_config(), unique_name("limit"))
+    run = exp.submit(ScriptRunConfig(source_directory=str(src), script="train.py", node_count=2,
+                                     max_run_duration_seconds=3))
+    details = run.wait_for_completion(raise_on_error=False, timeout=60)
+    assert details["status"] == "Failed" and details["error"]["code"] == "RunTimeout"
+    assert 3 <= details["durationSeconds"] < 15
+    files = {f["name"] for f in worker.get(f"/api/runs/{run.id}/files")}
+    assert {"azureml-logs/55_azureml-execution-1.txt", "azureml-logs/65_job_prep-1.txt",
+            "azureml-logs/75_job_post-1.txt", "azureml-logs/70_driver_log_1.txt"} <= files
+    line = worker.get(f"/api/runs/{run.id}/logs", file="azureml-logs/70_driver_log_1.txt")["lines"][0]
+    assert line["line"] == "node 1 rank 1 local 0" and line["node"] == 1
