@@ -232,6 +232,82 @@ print(json.dumps({"points": runs * steps}))
 '''
 
 
+SUBMIT = r'''
+import json, os, sys, time, httpx
+from pathlib import Path
+from runwatch import Workspace, Experiment, ScriptRunConfig
+src = Path(os.environ["BENCH_SRC"])
+api = os.environ["RUNWATCH_API_URL"]
+exp = Experiment(Workspace.from_config(), "submit-bench")
+out = {}
+def done(run, status="Completed"):
+    while True:
+        try:
+            if run.get_status() == status:
+                return
+        except Exception:
+            pass
+        time.sleep(0.02)
+for procs in (1, 4):
+    lat = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run = exp.submit(ScriptRunConfig(source_directory=str(src), script="noop.py", process_count_per_node=procs))
+        done(run)
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    out[f"noop_{procs}"] = lat[len(lat) // 2]
+n = int(os.environ["BENCH_LINES"])
+t0 = time.perf_counter()
+run = exp.submit(ScriptRunConfig(source_directory=str(src), script="chatty.py", arguments=[n]))
+while True:
+    r = httpx.get(f"{api}/api/runs/{run.id}/files", timeout=30)
+    files = {f["name"]: f for f in r.json()} if r.status_code == 200 else {}
+    if files.get("azureml-logs/70_driver_log_0.txt", {}).get("lines") == n:
+        break
+    time.sleep(0.1)
+out["lines_s"] = n / (time.perf_counter() - t0)
+run = exp.submit(ScriptRunConfig(source_directory=str(src), script="sleeper.py"))
+done(run, "Running")
+t0 = time.perf_counter()
+run.cancel()
+done(run, "Canceled")
+out["cancel_s"] = time.perf_counter() - t0
+print(json.dumps(out))
+'''
+
+
+def bench_submit(quick: bool, broker, tmp: Path) -> None:
+    from tests.conftest import Worker
+
+    console.rule("Submitted runs: launch overhead, output capture, cancel")
+    src = tmp / "submit-src"
+    src.mkdir()
+    (src / "noop.py").write_text("pass\n")
+    (src / "chatty.py").write_text("import sys\nfor i in range(int(sys.argv[1])):\n"
+                                   "    print(f'step {i:8d} loss 0.123456 accuracy 0.987654 lr 0.001000')\n")
+    (src / "sleeper.py").write_text("import time\ntime.sleep(600)\n")
+    n = 50_000 if quick else 500_000
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-u", str(src / "chatty.py"), str(n)], check=True, stdout=subprocess.DEVNULL)
+    alone = n / (time.perf_counter() - t0)
+    w = Worker(broker, tmp / "worker-submit", "s1.").start()
+    try:
+        env = dict(_env(tmp / "h8", broker.bootstrap, "s1.", w.api_url), BENCH_SRC=str(src), BENCH_LINES=str(n))
+        res = _child(SUBMIT, env)
+    finally:
+        w.stop()
+    record("submit → Completed, 1 process doing nothing (median of 5)", res["noop_1"], "s",
+           note=f"{res['noop_1'] / bare:.1f}× a bare `python -c pass` ({bare * 1000:.0f} ms)")
+    record("submit → Completed, 4 processes doing nothing (median of 5)", res["noop_4"], "s")
+    record(f"output capture: printed → stored, {n:,} lines of one process", res["lines_s"], "lines/s",
+           note=f"{res['lines_s'] / alone:.2f}× the script printing to /dev/null ({alone:,.0f} lines/s)")
+    record("cancel → Canceled (every process stopped)", res["cancel_s"], "s")
+
+
 def _direct_insert_rate(path: Path) -> float:
     code = r'''
 import json, time, sys, numpy as np, pyarrow as pa, clickhouse_connect
@@ -259,7 +335,7 @@ def _bytes_per_point(w) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes)")
-    ap.add_argument("--only", choices=["sdk", "pipeline"], help="run one group")
+    ap.add_argument("--only", choices=["sdk", "pipeline", "submit"], help="run one group")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -273,6 +349,8 @@ def main() -> int:
             bench_sdk(args.quick, broker.bootstrap, tmp)
         if args.only in (None, "pipeline"):
             bench_pipeline(args.quick, broker, tmp)
+        if args.only in (None, "submit"):
+            bench_submit(args.quick, broker, tmp)
     finally:
         broker.stop()
     out = ROOT / "benchmarks" / "results"
