@@ -333,7 +333,18 @@ def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "
     from producers.watch import OutputFollower, driver_files
 
     client = _client(home)
-    listed = _call(lambda: client.get(f"/api/runs/{run_id}/files"))
+    deadline = time.monotonic() + (30 if follow else 0)
+    while True:  # with --follow, a run submitted a moment ago may still be on its way
+        try:
+            listed = client.get(f"/api/runs/{run_id}/files")
+            client.get(f"/api/runs/{run_id}")
+            break
+        except NotFound:
+            if time.monotonic() > deadline:
+                _call(lambda: client.get(f"/api/runs/{run_id}"))
+            time.sleep(0.3)
+        except RunwatchError:
+            listed = _call(lambda: client.get(f"/api/runs/{run_id}/files"))
     names = {f["name"] for f in listed}
     chosen = list(file) if file else None
     for f in chosen or []:

@@ -354,3 +354,22 @@ def test_two_nodes_and_a_run_over_its_time_limit(stack_env, tmp_path):
             "azureml-logs/75_job_post-1.txt", "azureml-logs/70_driver_log_1.txt"} <= files
     line = worker.get(f"/api/runs/{run.id}/logs", file="azureml-logs/70_driver_log_1.txt")["lines"][0]
     assert line["line"] == "node 1 rank 1 local 0" and line["node"] == 1
+
+
+def test_logs_follow_prints_until_the_run_ends(stack_env, tmp_path):
+    src = source(tmp_path, "train.py", """
+        import time
+        for i in range(8):
+            print(f"tick {i}")
+            time.sleep(0.25)
+    """)
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "runwatch.cli", "submit", "-e", unique_name("follow"), "--no-wait",
+                          "--source-dir", str(src), "train.py"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=60)
+    run_id = out.stdout.strip()
+    assert out.returncode == 0 and run_id.startswith("follow-"), out.stderr
+    followed = subprocess.run([sys.executable, "-m", "runwatch.cli", "logs", run_id, "--follow"], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=60)
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout.splitlines() == [f"tick {i}" for i in range(8)]
