@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from runwatch.events import (Alert, Envelope, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
+from runwatch.events import (Alert, Envelope, FileStored, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
                              PropertiesSet, RunCreated, RunState, RunStatus, StatusChanged, TagsSet, Transition,
                              make_envelope)
 
@@ -113,6 +113,11 @@ class RunStateLogic:
         elif isinstance(p, PropertiesSet):
             for k, v in p.properties.items():  # immutable: the first value stays
                 st["properties"].setdefault(k, v)
+        elif isinstance(p, FileStored):
+            # the run's file list is stored by the sink, which reads `aggregates`, not `runs`
+            st["files"] = st.get("files", 0) + 1
+            out.append(("aggregates", env.run_id, make_envelope(env.run_id, st["experiment"], p, env.seq,
+                                                                event_id=derived_id("file", env.event_id))))
         elif isinstance(p, Heartbeat):
             changed = p.dropped != st["dropped_points"]
             st["last_heartbeat"] = env.ts

@@ -120,6 +120,10 @@ class Emitter:
             self.ensure_started()
             self.wake()
 
+    def count_drop(self, run_id: str, n: int) -> None:
+        """Count points that could not be kept (reported on the run as dropped_points)."""
+        self._count_drop(run_id, n)
+
     def _count_drop(self, run_id: str, n: int) -> None:
         self.stats.points_dropped += n
         self.stats.dropped_by_run[run_id] = self.stats.dropped_by_run.get(run_id, 0) + n

@@ -461,6 +461,7 @@ class Launcher:
 
     def _post_job(self) -> None:
         t0 = time.time()
+        self._collect_outputs()
         for r in self.ranks:
             f = job_post_log(r.node)
             self.logs.line(f, f"Rank {r.rank}: exit code {r.exit_code}"
@@ -475,6 +476,25 @@ class Launcher:
         for node in range(self.config.node_count):
             self.logs.line(job_post_log(node), f"Job post-processing on node {node} took {time.time() - t0:.3f} s",
                            "system", node)
+
+    def _collect_outputs(self) -> None:
+        """What the processes left under ./outputs becomes the run's outputs/ files."""
+        from .files import collect_outputs
+
+        f = job_post_log(0)
+        outputs = self.run_dir / "wd" / "outputs"
+        try:
+            stored, refused = collect_outputs(self.api, self.run_id, outputs, self.settings.max_file_bytes)
+        except RunwatchError as exc:
+            self.logs.line(f, f"Outputs not collected: {exc}", "system")
+            return
+        for ev in stored:
+            self.em.send_control(self.run_id, self.experiment, ev)
+        if stored or refused:
+            self.logs.line(f, f"Collected {len(stored)} file(s) from outputs/ "
+                              f"({sum(e.size for e in stored)} bytes)", "system")
+        for reason in refused:
+            self.logs.line(f, f"Refused: {reason}", "system")
 
     def _final(self, status: RunStatus | None, error: dict[str, Any] | None = None) -> None:
         """Record how many lines each log file has (readers wait for them), then the final status."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import numbers
 import os
 import re
@@ -18,10 +20,12 @@ import numpy as np
 from runwatch.client import ApiClient, RunwatchError
 from runwatch.events import (DType, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
                              TagsSet, TERMINAL_STATES)
+from runwatch.filenames import FileError
 from runwatch.settings import Settings
 
 from .emitter import Emitter, get_emitter, track_run
 
+log = logging.getLogger("runwatch")
 _time = time.time
 SCRIPT_RUN = "azureml.scriptrun"  # a submitted run: its launcher owns its lifecycle
 _FLOAT, _INT, _BOOL, _STR = DType.float, DType.int, DType.bool, DType.str
@@ -88,6 +92,9 @@ class Run:
         self._status = kwargs.pop("status", None)
         self._properties: dict[str, str] = dict(kwargs.pop("properties", {}) or {})
         self._tags: dict[str, str | None] = dict(kwargs.pop("tags", {}) or {})
+        #: Collected into the run's files (as outputs/...) when it completes or fails.
+        self._outputs: Path | None = Path(outputs).resolve() if outputs else None
+        self._images: dict[str, Any] = {}
         fetch = kwargs.pop("_fetch", True)
         if kwargs:
             raise TypeError(f"Run() got unexpected argument(s): {', '.join(kwargs)}")
@@ -103,9 +110,9 @@ class Run:
                run_id: str | None = None, offline: bool = False, run_type: str = "interactive",
                properties: Mapping[str, str] | None = None, tags: Mapping[str, Any] | None = None,
                status: RunStatus = RunStatus.Running, compute_target: str = "local",
-               heartbeats: bool = True) -> "Run":
+               heartbeats: bool = True, outputs: Any = None) -> "Run":
         rid = run_id or f"{experiment.name}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-        run = cls(experiment, rid, display_name=display_name, parent_id=parent.id if parent else None,
+        run = cls(experiment, rid, outputs, display_name=display_name, parent_id=parent.id if parent else None,
                   run_type=run_type, status=status.value, _offline=offline, _fetch=False)
         props = _check_str_map(properties or {}, "properties")
         tag_map = _check_tags(tags or {})
@@ -313,7 +320,8 @@ class Run:
     def child_run(self, name: str | None = None, run_id: str | None = None, outputs: Any = None) -> "Run":
         """Start a child run (any depth). Use it in a `with` block to complete or fail it."""
         rid = run_id or f"{self.id}_{next(self._child_count)}"
-        return Run._start(self.experiment, display_name=name, parent=self, run_id=rid, offline=self._offline)
+        return Run._start(self.experiment, display_name=name, parent=self, run_id=rid, offline=self._offline,
+                          outputs=outputs)
 
     def start(self) -> None:
         self._set_status(RunStatus.Running)
@@ -341,11 +349,112 @@ class Run:
         self._finish(RunStatus.Canceled)
 
     def _finish(self, status: RunStatus, error: dict | None = None) -> None:
+        refused = self._collect_outputs() if status in (RunStatus.Completed, RunStatus.Failed) else []
         self._set_status(status, error)
         self._em.close_run(self.id)
         # Completion is the one place the SDK waits on I/O, bounded: the points logged so far
         # reach the broker (or the spool) before the run says it is done.
         self._em.flush(timeout=10.0)
+        if refused:
+            raise FileError(f"run {self.id} is {status.value}, but {len(refused)} file(s) under outputs/ were not "
+                            "stored: " + "; ".join(refused))
+
+    def _collect_outputs(self) -> list[str]:
+        if self._outputs is None or self._offline or not self._outputs.is_dir():
+            return []
+        from .files import collect_outputs
+
+        try:
+            stored, refused = collect_outputs(self._api(), self.id, self._outputs, self._settings.max_file_bytes)
+        except RunwatchError as exc:  # the stack is away: the run still ends; say what was not kept
+            log.warning("runwatch: the files under %s were not stored for run %s: %s", self._outputs, self.id, exc)
+            return [f"{self._outputs}: {exc}"]
+        for ev in stored:
+            self._emit(ev)
+        return refused
+
+    # -- files ---------------------------------------------------------------------------------
+    def upload_file(self, name: str, path_or_stream: Any, datastore_name: str | None = None) -> dict[str, Any]:
+        """Store a file (a path, or a binary stream) under `name`; streamed, checksummed on arrival."""
+        from .files import upload
+
+        ev = upload(self._api(), self.id, name, path_or_stream, self._settings.max_file_bytes)
+        self._emit(ev)
+        return {"name": ev.name, "size": ev.size, "sha256": ev.sha256, "content_type": ev.content_type}
+
+    def upload_files(self, names: list[str], paths: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
+        if len(names) != len(paths):
+            raise MetricError(f"upload_files: {len(names)} names for {len(paths)} paths")
+        return [self.upload_file(n, p) for n, p in zip(names, paths)]
+
+    def upload_folder(self, name: str, path: str | os.PathLike, datastore_name: str | None = None) -> list[dict]:
+        """Store every file under the directory `path` as name/<relative path>."""
+        root = Path(path)
+        if not root.is_dir():
+            raise FileError(f"upload_folder: {str(root)!r} is not a directory")
+        return [self.upload_file(f"{name.rstrip('/')}/{p.relative_to(root).as_posix()}", p)
+                for p in sorted(root.rglob("*")) if p.is_file()]
+
+    def log_image(self, name: str, path: str | os.PathLike | None = None, plot: Any = None,
+                  description: str = "") -> None:
+        """Log an image: a file (`path`) or a matplotlib figure or pyplot (`plot`). It is stored as a file of
+        the run and appears in get_metrics() under `name` as its file name."""
+        if (path is None) == (plot is None):
+            raise MetricError("run.log_image: give exactly one of path= (an image file) or plot= (a matplotlib "
+                              "figure or pyplot)")
+        self._claim(name, MetricKind.image, "run.log_image")
+        n = next(self._counter(name, MetricKind.image))
+        stem = f"images/{name.replace('/', '_').strip() or 'image'}_{n}"
+        if plot is not None:
+            if not hasattr(plot, "savefig"):
+                raise MetricTypeError(f"run.log_image: plot must be a matplotlib figure or pyplot, not "
+                                      f"{type(plot).__name__}")
+            buf = io.BytesIO()
+            plot.savefig(buf, format="png")
+            buf.seek(0)
+            file_name, source = stem + ".png", buf
+        else:
+            file_name, source = stem + (Path(path).suffix.lower() or ".png"), path
+        from .files import upload
+
+        try:
+            ev = upload(self._api(), self.id, file_name, source, self._settings.max_file_bytes, call="run.log_image")
+        except FileError:
+            raise
+        except RunwatchError as exc:  # the stack is away: training goes on, the loss is counted and said
+            log.warning("runwatch: run.log_image(%r) was not stored: %s", name, exc)
+            self._em.count_drop(self.id, 1)
+            return
+        self._emit(ev.model_copy(update={"origin": "image"}))
+        gidx = self._entry(name, MetricKind.image, "", _STR)
+        self._em.sbuf.append((gidx, n, _time(), ev.name))
+        self._em.ensure_started()
+
+    def download_file(self, name: str, output_file_path: str | os.PathLike | None = None,
+                      _validate_checksum: bool = False) -> str:
+        """Write one of the run's files (stored or log) to `output_file_path` (default: its base name here)."""
+        from .files import download
+
+        target = Path(output_file_path) if output_file_path is not None else Path.cwd() / Path(name).name
+        if target.is_dir():
+            target = target / Path(name).name
+        download(self._api(), self.id, name, target)
+        return str(target)
+
+    def download_files(self, prefix: str | None = None, output_directory: str | os.PathLike | None = None,
+                       output_paths: Any = None, batch_size: int = 100, append_prefix: bool = True) -> list[str]:
+        """Write every file of the run whose name starts with `prefix` under `output_directory`."""
+        from .files import download
+
+        out = Path(output_directory) if output_directory is not None else Path.cwd()
+        names = [n for n in self.get_file_names() if prefix is None or n.startswith(prefix)]
+        written = []
+        for n in names:
+            rel = n if append_prefix or not prefix else n[len(prefix):].lstrip("/")
+            target = out / rel
+            download(self._api(), self.id, n, target)
+            written.append(str(target))
+        return written
 
     def _set_status(self, status: RunStatus, error: dict | None = None) -> None:
         self._status = status.value
@@ -477,9 +586,9 @@ class Experiment:
 
     def start_logging(self, *args: Any, display_name: str | None = None, outputs: Any = None,
                       snapshot_directory: Any = None, **kwargs: Any) -> Run:
-        """Start an interactive run."""
+        """Start an interactive run; what it leaves in `outputs` (default ./outputs) becomes its files."""
         return Run._start(self, display_name=display_name, tags=kwargs.get("tags"),
-                          properties=kwargs.get("properties"))
+                          properties=kwargs.get("properties"), outputs=outputs or "./outputs")
 
     def get_runs(self, type: str | None = None, tags: Any = None, properties: Any = None,
                  include_children: bool = False) -> list[Run]:

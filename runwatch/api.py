@@ -151,9 +151,13 @@ class ReadApi:
     # -- files and logs ----------------------------------------------------------------------
     async def file_list(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        await self._get_run(run_id)
         logs = await self._q(self.queries.log_files, run_id)
-        stored = [dict(m, kind="file") for m in await self._q(self.files.list, run_id)]
+        events = await self._q(self.queries.run_files, run_id)
+        # the store has the bytes; the pipeline's FileStored events say where each file came from
+        stored = [dict(m, kind="file", origin=events.get(m["name"], {}).get("origin"))
+                  for m in await self._q(self.files.list, run_id)]
+        if not logs and not stored:
+            await self._get_run(run_id)  # an unknown run is a 404; a known one may have no files yet
         return self._json(logs + stored)
 
     async def logs(self, request: web.Request) -> web.Response:

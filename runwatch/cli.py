@@ -322,6 +322,20 @@ def files(run_id: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) 
 
 
 @app.command()
+def download(run_id: str, name: str = typer.Argument(..., help="A file of the run (see `runwatch files`)."),
+             output: Optional[Path] = typer.Option(None, "--output", "-o", help="File or directory (default: here)."),
+             home: Optional[Path] = HomeOpt) -> None:
+    """Download one file of a run (a stored file, an output or a log file)."""
+    from producers.files import download as fetch
+
+    target = output if output is not None else Path.cwd() / Path(name).name
+    if target.is_dir():
+        target = target / Path(name).name
+    n = _call(lambda: fetch(_client(home), run_id, name, target))
+    console.print(f"{name} -> {target} ({n} bytes)", highlight=False)
+
+
+@app.command()
 def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "-f",
                                                               help="A log file (see `runwatch files`); repeat."),
          follow: bool = typer.Option(False, "--follow", help="Keep printing new lines until the run ends."),

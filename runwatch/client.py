@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import httpx
@@ -79,18 +80,25 @@ class ApiClient:
         return _result(resp)
 
     def download(self, path: str, fh) -> int:
-        """GET a file's bytes into the binary file object `fh`, streamed; return the number of bytes."""
+        """GET a file's bytes into the binary file object `fh`, streamed; return the number of bytes.
+        When the server sends the file's checksum (X-Content-SHA256) the bytes are checked against it."""
         n = 0
+        digest = hashlib.sha256()
         try:
             with self._http().stream("GET", path, timeout=None) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _result(resp)
+                expected = resp.headers.get("X-Content-SHA256")
                 for chunk in resp.iter_bytes(1 << 20):
                     fh.write(chunk)
+                    digest.update(chunk)
                     n += len(chunk)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise StackNotRunning(self._base) from exc
+        if expected and digest.hexdigest() != expected:
+            raise ApiError(f"{path}: the bytes received do not match the stored checksum ({expected}); "
+                           "the download was damaged and not kept")
         return n
 
     def text(self, path: str, **params: Any) -> str:

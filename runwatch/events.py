@@ -109,6 +109,18 @@ class Heartbeat(_Model):
     dropped: int = 0
 
 
+class FileStored(_Model):
+    """A file of the run is in the file store (its bytes never travel in events)."""
+
+    kind: Literal["file"] = "file"
+    name: str = Field(min_length=1, max_length=1024)
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    content_type: str = "application/octet-stream"
+    #: upload (upload_file/upload_folder), outputs (collected from ./outputs), image (log_image)
+    origin: Literal["upload", "outputs", "image"] = "upload"
+
+
 class LivenessCheck(_Model):
     """Written by a processor's timer to the run's own partition: heartbeats stopped; apply `to_status`
     only if the run is still in `if_status` and nothing was heard from it since `last_seen`."""
@@ -261,7 +273,8 @@ class DeadLetter(_Model):
 
 
 Payload = Annotated[
-    Union[RunCreated, StatusChanged, TagsSet, PropertiesSet, Heartbeat, LivenessCheck, MetricBatch, LogBatch,
+    Union[RunCreated, StatusChanged, TagsSet, PropertiesSet, Heartbeat, LivenessCheck, FileStored, MetricBatch,
+          LogBatch,
           MetricAggregates, RunState, Transition, Alert, DeadLetter],
     Field(discriminator="kind"),
 ]

@@ -11,47 +11,16 @@ import hashlib
 import json
 import mimetypes
 import os
-import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-MAX_NAME = 1024
-_META = ".runwatch-meta"
-_TMP = ".runwatch-tmp"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")
+from runwatch.filenames import RESERVED, FileError, safe_name, run_dir_name
 
+__all__ = ["FileStore", "FileError", "safe_name"]
 
-class FileError(ValueError):
-    """A name, size or checksum the store refuses; the message says which and why."""
-
-
-def safe_name(name: Any) -> str:
-    """`name` as a relative POSIX path inside a run, or FileError naming what is wrong."""
-    if not isinstance(name, str) or not name:
-        raise FileError(f"file name must be a non-empty string, not {name!r}")
-    if "\x00" in name:
-        raise FileError(f"file name {name!r} contains a NUL character")
-    if len(name) > MAX_NAME:
-        raise FileError(f"file name is {len(name)} characters long; at most {MAX_NAME}")
-    posix = name.replace("\\", "/")
-    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix):
-        raise FileError(f"file name {name!r} is absolute; give a name relative to the run, e.g. outputs/model.pt")
-    parts = [p for p in posix.split("/") if p not in ("", ".")]
-    if not parts:
-        raise FileError(f"file name {name!r} names no file")
-    if ".." in parts:
-        raise FileError(f"file name {name!r} contains '..'; names cannot leave the run's directory")
-    if parts[0] in (_META, _TMP):
-        raise FileError(f"file name {name!r} uses a reserved directory")
-    return "/".join(parts)
-
-
-def safe_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
-        raise FileError(f"run id {run_id!r} cannot name a directory")
-    return run_id
+_META, _TMP = RESERVED
 
 
 class FileStore:
@@ -59,7 +28,7 @@ class FileStore:
         self.root = Path(root)
 
     def _run_dir(self, run_id: str) -> Path:
-        return self.root / safe_run_id(run_id)
+        return self.root / run_dir_name(run_id)
 
     def path(self, run_id: str, name: str) -> Path:
         p = self._run_dir(run_id) / safe_name(name)

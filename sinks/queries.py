@@ -11,7 +11,8 @@ DB = "runwatch"
 RUN_COLUMNS = ("run_id, experiment, display_name, parent_run_id, run_type, compute_target, status, created_time, "
                "start_time, end_time, properties, tags_json, error, dropped_points, illegal_transitions, version")
 SORTS = {"min", "max", "last", "first", "count"}
-TABLES = ("metric_points", "metric_aggregates", "runs", "status_history", "log_lines", "alerts", "dead_letters")
+TABLES = ("metric_points", "metric_aggregates", "runs", "status_history", "log_lines", "alerts", "dead_letters",
+          "run_files")
 
 
 def _iso(value: Any) -> str | None:
@@ -161,6 +162,12 @@ class Queries:
         return [{"name": f, "node": int(n), "rank": int(r), "lines": int(c), "bytes": int(b), "last_seq": int(s),
                  "last_ts": _iso(ts), "kind": "log"} for f, n, r, c, b, s, ts in rows]
 
+    def run_files(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """What the pipeline says about a run's stored files: {name: {origin, size, sha256, ts}}."""
+        rows = self._rows(f"""SELECT name, origin, size, sha256, ts FROM {DB}.run_files FINAL
+                              WHERE run_id = {{run_id:String}}""", run_id=run_id)
+        return {n: {"origin": o, "size": int(sz), "sha256": sha, "ts": _iso(ts)} for n, o, sz, sha, ts in rows}
+
     def log_lines(self, run_id: str, file: str, after_seq: int = -1, limit: int = 1000,
                   tail: int | None = None) -> dict[str, Any]:
         """Lines of one log file after `after_seq` (paged by sequence number), or its last `tail` lines."""
@@ -255,7 +262,7 @@ class Queries:
                 per.setdefault(name_, {}).setdefault(column, []).append(v)
             else:
                 per.setdefault(name_, []).append(v)
-                if kind == "scalar":
+                if kind in ("scalar", "image"):
                     scalars.add((run_id, name_))
         for run_id, name_ in scalars:  # a metric logged once is its value, as in Azure
             values = out[run_id][name_]

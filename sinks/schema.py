@@ -62,6 +62,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         ) ENGINE = MergeTree ORDER BY (group_id, topic, partition, start_offset)
         TTL toDateTime(ts) + INTERVAL 7 DAY""",
     ]),
+    (2, "run files (names and checksums; the bytes live in the file store)", [
+        f"""CREATE TABLE IF NOT EXISTS run_files (
+            run_id String, experiment LowCardinality(String), name String, size UInt64, sha256 String,
+            content_type LowCardinality(String), origin LowCardinality(String), ts DateTime64(6, 'UTC')
+        ) ENGINE = ReplacingMergeTree(ts) ORDER BY (run_id, name) {DEDUP}""",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

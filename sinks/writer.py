@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runwatch.events import (Alert, DeadLetter, Envelope, EventError, LogBatch, MetricAggregates, MetricBatch, RunState,
+from runwatch.events import (Alert, DeadLetter, Envelope, EventError, FileStored, LogBatch, MetricAggregates, MetricBatch, RunState,
                              Transition, decode)
 from runwatch.settings import Settings
 
@@ -101,6 +101,10 @@ class RowBuilder:
             self.rows["alerts"].append({
                 "run_id": env.run_id, "experiment": env.experiment, "ts": _us(env.ts), "status": p.status.value,
                 "reason": p.reason, "details": json.dumps(p.details, default=str), "alert_id": env.event_id})
+        elif isinstance(p, FileStored):
+            self.rows["run_files"].append({
+                "run_id": env.run_id, "experiment": env.experiment, "name": p.name, "size": p.size,
+                "sha256": p.sha256, "content_type": p.content_type, "origin": p.origin, "ts": _us(env.ts)})
         elif isinstance(p, DeadLetter):
             self.dead_letter(p.reason, p.topic, p.partition, p.offset, p.raw, ts=env.ts)
 
@@ -166,7 +170,7 @@ def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
             arrays[k] = pa.array(v, TS)
         elif k in ("properties", "tags"):
             arrays[k] = pa.array(v, pa.map_(pa.string(), pa.string()))
-        elif k in ("count", "version", "dropped_points", "illegal_transitions"):
+        elif k in ("count", "version", "dropped_points", "illegal_transitions", "size"):
             arrays[k] = pa.array(v, pa.uint64())
         elif k in ("min", "max", "first", "last"):
             arrays[k] = pa.array([math.nan if x is None else x for x in v], pa.float64())

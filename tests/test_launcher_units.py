@@ -17,7 +17,8 @@ from producers.logs import LogWriter
 from producers.snapshot import SnapshotError, collect, make_snapshot
 from runwatch.events import LivenessCheck, LogBatch, RunCreated, RunStatus, StatusChanged, make_envelope
 from runwatch.settings import Settings
-from sinks.files import FileError, FileStore, safe_name
+from runwatch.filenames import FileError, safe_name
+from sinks.files import FileStore
 
 
 @pytest.fixture

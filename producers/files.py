@@ -1,0 +1,124 @@
+"""Run files from the SDK: streamed uploads with a checksum, downloads checked against it, ./outputs collection.
+
+The bytes go to the file store behind the read API; the pipeline carries only a FileStored
+event naming the file, its size, content type and checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from runwatch.client import ApiClient
+from runwatch.events import FileStored
+from runwatch.filenames import FileError, safe_name
+
+CHUNK = 1 << 20
+
+
+def _sha256_of(fh: BinaryIO) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in iter(lambda: fh.read(CHUNK), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def upload(api: ApiClient, run_id: str, name: str, path_or_stream: Any, max_bytes: int,
+           call: str = "upload_file") -> FileStored:
+    """Stream one file to the store; return the event that says it is there. Raises FileError at the call."""
+    try:
+        name = safe_name(name)
+    except FileError as exc:
+        raise FileError(f"{call}: {exc}") from None
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if isinstance(path_or_stream, (str, os.PathLike)):
+        path = Path(path_or_stream)
+        if not path.is_file():
+            raise FileError(f"{call}: {str(path)!r} is not a file")
+        size = path.stat().st_size
+        _check_size(call, name, size, max_bytes)
+        with open(path, "rb") as fh:
+            sha, _ = _sha256_of(fh)
+            fh.seek(0)
+            meta = api.upload(_url(run_id, name), fh, size=size, sha256=sha, content_type=content_type)
+    elif hasattr(path_or_stream, "read"):
+        stream = path_or_stream
+        if _seekable(stream):
+            start = stream.tell()
+            sha, size = _sha256_of(stream)
+            _check_size(call, name, size, max_bytes)
+            stream.seek(start)
+            meta = api.upload(_url(run_id, name), stream, size=size, sha256=sha, content_type=content_type)
+        else:  # read once into a temporary file (bounded memory), then send that
+            with tempfile.TemporaryFile() as tmp:
+                digest, size = hashlib.sha256(), 0
+                for chunk in iter(lambda: stream.read(CHUNK), b""):
+                    if isinstance(chunk, str):
+                        raise FileError(f"{call}: the stream must be opened in binary mode ('rb')")
+                    digest.update(chunk)
+                    size += len(chunk)
+                    _check_size(call, name, size, max_bytes)
+                    tmp.write(chunk)
+                tmp.seek(0)
+                sha = digest.hexdigest()
+                meta = api.upload(_url(run_id, name), tmp, size=size, sha256=sha, content_type=content_type)
+    else:
+        raise FileError(f"{call}: path_or_stream must be a path or a binary stream, not "
+                        f"{type(path_or_stream).__name__}")
+    if meta.get("sha256") != sha:
+        raise FileError(f"{call}: the store holds {meta.get('sha256')} for {name!r}, not what was sent ({sha})")
+    return FileStored(name=name, size=size, sha256=sha, content_type=content_type)
+
+
+def _seekable(stream: Any) -> bool:
+    try:
+        return bool(stream.seekable()) and not isinstance(stream, io.TextIOBase)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _check_size(call: str, name: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise FileError(f"{call}: {name!r} is {size} bytes; the limit is {max_bytes} (setting max_file_bytes)")
+
+
+def _url(run_id: str, name: str) -> str:
+    return f"/api/runs/{run_id}/files/{name}"
+
+
+def download(api: ApiClient, run_id: str, name: str, target: Path) -> int:
+    """Write one file of the run to `target` (atomically); a stored file's checksum is verified."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with open(tmp, "wb") as fh:
+            n = api.download(_url(run_id, name), fh)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def collect_outputs(api: ApiClient, run_id: str, outputs: Path, max_bytes: int,
+                    ) -> tuple[list[FileStored], list[str]]:
+    """Upload every file under `outputs` as outputs/...; return (stored, refused with the reason)."""
+    stored: list[FileStored] = []
+    refused: list[str] = []
+    if not outputs.is_dir():
+        return stored, refused
+    for path in sorted(p for p in outputs.rglob("*") if p.is_file()):
+        name = "outputs/" + path.relative_to(outputs).as_posix()
+        try:
+            ev = upload(api, run_id, name, path, max_bytes, call="outputs")
+        except FileError as exc:
+            refused.append(str(exc))
+            continue
+        stored.append(ev.model_copy(update={"origin": "outputs"}))
+    return stored, refused
