@@ -308,6 +308,41 @@ def bench_submit(quick: bool, broker, tmp: Path) -> None:
     record("cancel → Canceled (every process stopped)", res["cancel_s"], "s")
 
 
+FILES = r'''
+import json, os, shutil, time
+from pathlib import Path
+from runwatch import Workspace, Experiment
+src = Path(os.environ["BENCH_FILE"])
+size = src.stat().st_size
+run = Experiment(Workspace.from_config(), "files-bench").start_logging()
+t0 = time.perf_counter(); shutil.copyfile(src, src.with_suffix(".copy")); copy = time.perf_counter() - t0
+t0 = time.perf_counter(); run.upload_file("bench/big.bin", str(src)); up = time.perf_counter() - t0
+t0 = time.perf_counter(); run.download_file("bench/big.bin", str(src.with_suffix(".back"))); down = time.perf_counter() - t0
+run.complete()
+print(json.dumps({"size": size, "copy": size / copy, "up": size / up, "down": size / down}))
+'''
+
+
+def bench_files(quick: bool, broker, tmp: Path) -> None:
+    from tests.conftest import Worker
+
+    console.rule("Run files: upload and download through the read API")
+    big = tmp / "big.bin"
+    mib = 50 if quick else 200
+    with open(big, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1 << 20))
+    w = Worker(broker, tmp / "worker-files", "f1.").start()
+    try:
+        res = _child(FILES, dict(_env(tmp / "h9", broker.bootstrap, "f1.", w.api_url), BENCH_FILE=str(big)))
+    finally:
+        w.stop()
+    record(f"upload_file, {mib} MiB (checksummed, streamed)", res["up"] / 2**20, "MiB/s",
+           note=f"{res['up'] / res['copy']:.2f}× a local file copy ({res['copy'] / 2**20:,.0f} MiB/s)")
+    record(f"download_file, {mib} MiB (checksum verified)", res["down"] / 2**20, "MiB/s",
+           note=f"{res['down'] / res['copy']:.2f}× a local file copy")
+
+
 def _direct_insert_rate(path: Path) -> float:
     code = r'''
 import json, time, sys, numpy as np, pyarrow as pa, clickhouse_connect
@@ -335,7 +370,7 @@ def _bytes_per_point(w) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes)")
-    ap.add_argument("--only", choices=["sdk", "pipeline", "submit"], help="run one group")
+    ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files"], help="run one group")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -351,6 +386,8 @@ def main() -> int:
             bench_pipeline(args.quick, broker, tmp)
         if args.only in (None, "submit"):
             bench_submit(args.quick, broker, tmp)
+        if args.only in (None, "files"):
+            bench_files(args.quick, broker, tmp)
     finally:
         broker.stop()
     out = ROOT / "benchmarks" / "results"
