@@ -35,7 +35,7 @@ class Processors:
             broker=f"kafka://{bootstrap}",
             store="memory://",
             topic_partitions=settings.partitions,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.replication_factor,
             # DESIGN.md: Faust's defaults delay the first group join by ~30 s on the embedded broker
             broker_rebalance_timeout=3.0,
             broker_session_timeout=6.0,

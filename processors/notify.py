@@ -18,13 +18,12 @@ class WebhookError(Exception):
     """The webhook answered with a status that may succeed on a retry (5xx, 429)."""
 
 
-def alert_body(env: Envelope, portal_base: str | None = None) -> dict[str, Any]:
+def alert_body(env: Envelope, settings: Settings) -> dict[str, Any]:
     """The JSON a webhook receives; `alert_id` is stable across redeliveries (use it to deduplicate)."""
     p: Alert = env.payload
     body = {"alert_id": env.event_id, "run_id": env.run_id, "experiment": env.experiment, "status": p.status.value,
             "reason": p.reason, "ts": env.ts, "details": p.details}
-    if portal_base:
-        body["portal_url"] = f"{portal_base.rstrip('/')}/runs/{env.run_id}"
+    body["portal_url"] = settings.portal_url(env.run_id)
     return body
 
 
@@ -34,7 +33,7 @@ class Webhook:
     def __init__(self, settings: Settings):
         self.url = settings.alert_webhook_url
         self.attempts = max(1, settings.alert_webhook_attempts)
-        self.portal = settings.resolved_api_url()
+        self.settings = settings
         self.delivered = 0
         self.failed = 0
         self._client: httpx.AsyncClient | None = None
@@ -42,7 +41,7 @@ class Webhook:
     async def deliver(self, env: Envelope) -> bool:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=10.0)
-        body = alert_body(env, self.portal)
+        body = alert_body(env, self.settings)
         try:
             async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.attempts), wait=wait_exponential(multiplier=0.5, max=10),

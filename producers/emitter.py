@@ -526,7 +526,10 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> None:
     try:
         existing = set(await admin.list_topics())
         wanted = [settings.topic(t) for t in TOPICS]
-        missing = [NewTopic(t, settings.partitions, 1) for t in wanted if t not in existing]
+        missing = [NewTopic(t, settings.partitions, settings.replication_factor,
+                            topic_configs={"min.insync.replicas": str(settings.min_insync_replicas)}
+                            if settings.replication_factor > 1 else {})
+                   for t in wanted if t not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)

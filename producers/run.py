@@ -531,8 +531,8 @@ class Run:
         return [self.experiment._run_from_row(r) for r in rows]
 
     def get_portal_url(self) -> str:
-        base = self._settings.resolved_api_url() or "http://127.0.0.1:8765"
-        return f"{base.rstrip('/')}/runs/{self.id}"
+        """The run's page: Grafana's Run dashboard when `grafana_url` is set, else the read API's page."""
+        return self._settings.portal_url(self.id)
 
     def wait_for_completion(self, show_output: bool = False, wait_post_processing: bool = False,
                             raise_on_error: bool = True, timeout: float | None = None,

@@ -19,6 +19,9 @@ app = typer.Typer(help="runwatch: self-hosted run monitoring for machine-learnin
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="List and show runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+dash_app = typer.Typer(help="Grafana dashboards and alert rules (the studio of the server deployment).",
+                       no_args_is_help=True)
+app.add_typer(dash_app, name="dashboards")
 console = Console()
 err = Console(stderr=True)
 
@@ -402,6 +405,38 @@ def clusters(name: Optional[str] = typer.Argument(None, help="One compute target
                 t.add_row(r["run_id"], r["experiment"], r["status"], str(r["processes"]),
                           ((r["start_time"] or r["created_time"]) or "")[:19].replace("T", " "))
             console.print(t)
+
+
+# ------------------------------------------------------------------------------ Grafana
+ApiUrlOpt = typer.Option(None, "--api-url", help="Where Grafana's browsers reach the read API (run images).")
+
+
+@dash_app.command("export")
+def dashboards_export(directory: Path = typer.Argument(..., help="Written: generated/*.json and provisioning/."),
+                      api_url: Optional[str] = ApiUrlOpt) -> None:
+    """Write the dashboards' JSON and Grafana's provisioning files (datasource, dashboards, alert rules)."""
+    from dashboards.provisioning import files, write
+
+    written = write(directory, api_url)
+    console.print(f"{len(files(api_url))} files under {directory}: {len(written)} written, "
+                  f"{len(files(api_url)) - len(written)} already current", highlight=False)
+
+
+@dash_app.command("push")
+def dashboards_push(grafana: str = typer.Option(..., "--grafana", help="Grafana's URL, e.g. http://localhost:3000"),
+                    token: Optional[str] = typer.Option(None, "--token", envvar="GRAFANA_TOKEN",
+                                                        help="A service account token (or $GRAFANA_TOKEN)."),
+                    api_url: Optional[str] = ApiUrlOpt,
+                    webhook_url: Optional[str] = typer.Option(None, "--webhook-url",
+                                                              help="Also create or update the alert webhook.")) -> None:
+    """Create or update the dashboards and alert rules in a running Grafana (safe to repeat)."""
+    from dashboards.provisioning import push
+
+    try:
+        result = push(grafana, token, api_url, webhook_url)
+    except Exception as exc:  # grafana-client raises several unrelated types
+        _fail(f"pushing to {grafana} failed: {type(exc).__name__}: {exc}")
+    console.print(f"pushed {result['dashboards']} dashboards and {result['alert_rules']} alert rules to {grafana}")
 
 
 @app.command()

@@ -32,8 +32,13 @@ class Settings:
     #: Read API address; None means "the embedded stack recorded in HOME/stack.json".
     api_url: str | None = None
     api_token: str | None = None
+    #: Grafana's address, when the studio runs there: get_portal_url() then opens the Run dashboard.
+    grafana_url: str | None = None
     topic_prefix: str = "runwatch."
     partitions: int = 1
+    #: Replicas of each topic runwatch creates (3 on an Apache Kafka cluster, 1 on the embedded broker).
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
     # --- training side -------------------------------------------------------------
     #: Seconds between background flushes (the issue asks for 200 ms or less).
     flush_interval: float = 0.1
@@ -111,6 +116,15 @@ class Settings:
                 if parsed is not _INVALID:
                     values[f.name] = parsed
         return cls(**values)
+
+    def portal_url(self, run_id: str) -> str:
+        """Where a person looks at a run: Grafana's Run dashboard, else the read API's run page."""
+        from urllib.parse import quote
+
+        if self.grafana_url:
+            return f"{self.grafana_url.rstrip('/')}/d/runwatch-run/runwatch-run?var-run_id={quote(run_id)}"
+        base = self.resolved_api_url() or f"http://{self.api_host}:{self.api_port}"
+        return f"{base.rstrip('/')}/runs/{quote(run_id)}"
 
     def compute(self) -> dict[str, int]:
         """The compute targets and their slots, from `compute_targets`; a malformed entry is a clear error."""

@@ -210,3 +210,10 @@ def test_file_store_keeps_nothing_from_a_damaged_upload(tmp_path):
     meta = asyncio.run(store.write("run1", "outputs/a.txt", chunks(), max_bytes=100))
     assert store.path("run1", "outputs/a.txt").read_bytes() == b"hello world"
     assert store.list("run1") == [meta] and meta["size"] == 11 and meta["content_type"] == "text/plain"
+
+
+def test_portal_url_opens_grafanas_run_dashboard_when_grafana_is_configured(tmp_path):
+    plain = Settings.load(home=tmp_path, api_url="http://api:8765/")
+    assert plain.portal_url("exp_1 x") == "http://api:8765/runs/exp_1%20x"
+    grafana = Settings.load(home=tmp_path, api_url="http://api:8765", grafana_url="https://grafana.example/")
+    assert grafana.portal_url("exp_1") == "https://grafana.example/d/runwatch-run/runwatch-run?var-run_id=exp_1"

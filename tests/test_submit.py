@@ -218,6 +218,7 @@ def test_failed_rank_stops_the_others_raises_and_alerts(stack_env, tmp_path, hoo
     assert [a["status"] for a in alerts] == ["Failed"] and "exited with code 3" in alerts[0]["reason"]
     body = wait_until(lambda: hook.for_run(run.id), 30, what="webhook called")[0]
     assert body["status"] == "Failed" and body["alert_id"] == alerts[0]["alert_id"]
+    assert body["portal_url"] == run.get_portal_url() == f"{worker.api_url}/runs/{run.id}"
     assert body["details"]["error"]["details"][1]["stderr_tail"] == ["boom: the loss is NaN"]
 
 
