@@ -343,6 +343,98 @@ def bench_files(quick: bool, broker, tmp: Path) -> None:
            note=f"{res['down'] / res['copy']:.2f}× a local file copy")
 
 
+DASHBOARDS = r'''
+import json, os, statistics, sys, time
+from datetime import datetime, timedelta, timezone
+import numpy as np, pyarrow as pa, clickhouse_connect
+from dashboards.build import build_all
+from dashboards.evaluate import panel_queries, resolve
+from sinks.schema import migrate
+runs, metrics, steps = (int(x) for x in os.environ["BENCH_SHAPE"].split("x"))
+c = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+migrate(c)
+TS = pa.timestamp("us", tz="UTC")
+now = datetime.now(timezone.utc)
+t0_us = int((now - timedelta(hours=2)).timestamp() * 1e6)
+rng = np.random.default_rng(0)
+names = [f"metric_{m}" for m in range(metrics)]
+load0 = time.perf_counter()
+run_ids = [f"bench_{r:05d}" for r in range(runs)]
+for r, rid in enumerate(run_ids):
+    n = metrics * steps
+    step = np.tile(np.arange(steps), metrics)
+    c.insert_arrow("runwatch.metric_points", pa.table({
+        "run_id": pa.array([rid] * n), "experiment": pa.array([f"exp_{r % 10}"] * n),
+        "name": pa.array(np.repeat(names, steps)), "kind": pa.array(["scalar"] * n), "column": pa.array([""] * n),
+        "dtype": pa.array(["float"] * n), "step": step, "ts": pa.array(t0_us + step * 500, TS),
+        "value": rng.random(n), "text": pa.array([""] * n), "src": pa.array(["bench"] * n),
+        "seq": pa.array(np.zeros(n, np.uint64))}), settings={"async_insert": 0})
+big = 1_000_000
+c.insert_arrow("runwatch.metric_points", pa.table({
+    "run_id": pa.array(["bench_long"] * big), "experiment": pa.array(["exp_long"] * big),
+    "name": pa.array(["loss"] * big), "kind": pa.array(["scalar"] * big), "column": pa.array([""] * big),
+    "dtype": pa.array(["float"] * big), "step": np.arange(big), "ts": pa.array(t0_us + np.arange(big) * 5, TS),
+    "value": rng.random(big), "text": pa.array([""] * big), "src": pa.array(["bench"] * big),
+    "seq": pa.array(np.zeros(big, np.uint64))}), settings={"async_insert": 0})
+c.command("""INSERT INTO runwatch.metric_aggregates SELECT run_id, any(experiment), name, column, 'scalar', count(),
+             min(value), max(value), argMin(value, step), argMax(value, step), '', max(step), max(ts), 1
+             FROM runwatch.metric_points GROUP BY run_id, name, column""", settings={"async_insert": 0})
+c.command(f"""INSERT INTO runwatch.runs (run_id, experiment, run_type, compute_target, status, created_time, start_time,
+             end_time, properties, tags, tags_json, error, dropped_points, illegal_transitions, version)
+             SELECT run_id, any(experiment), 'interactive', 'local', 'Completed', min(ts), min(ts), max(ts), map(),
+                    map('optimizer', 'adam'), '{{"optimizer": "adam"}}', '', 0, 0, 1
+             FROM runwatch.metric_points GROUP BY run_id""", settings={"async_insert": 0})
+c.command("""INSERT INTO runwatch.runs SELECT * REPLACE ('bench_00000' AS parent_run_id, 2 AS version)
+             FROM runwatch.runs FINAL WHERE run_id IN (SELECT run_id FROM runwatch.runs FINAL ORDER BY run_id
+             LIMIT 20 OFFSET 1)""", settings={"async_insert": 0})  # 20 children of one parent
+c.command("OPTIMIZE TABLE runwatch.metric_points FINAL")
+load = time.perf_counter() - load0
+rows = c.query("SELECT count() FROM runwatch.metric_points").result_rows[0][0]
+rng_t = (now - timedelta(hours=3), now)
+run = lambda sql: c.query(sql, settings={"readonly": 1})
+choices = {"runwatch-experiments.json": {}, "runwatch-runs.json": {"metric_a": "metric_0", "metric_b": "metric_1"},
+           "runwatch-run.json": {"run_id": "bench_00001"}, "runwatch-compare.json": {
+               "runs": run_ids[:10], "metric": "metric_0"}, "runwatch-compute.json": {},
+           "runwatch-parent.json": {"parent_run_id": "bench_00000", "metric": "metric_0", "goal": "min"}}
+out = {"rows": rows, "load_s": load, "dashboards": {}}
+for name, model in build_all().items():
+    variables = resolve(run, model, choices[name], rng_t)
+    slowest = (0.0, "")
+    for title, sql, _, _ in panel_queries(model, variables, rng_t):
+        lat = []
+        for _ in range(5):
+            t = time.perf_counter(); run(sql); lat.append(time.perf_counter() - t)
+        med = statistics.median(lat)
+        if med > slowest[0]:
+            slowest = (med, title)
+    out["dashboards"][name] = slowest
+long_model = build_all()["runwatch-run.json"]
+variables = resolve(run, long_model, {"run_id": "bench_long", "metric": "loss"}, rng_t)
+series = [q for q in panel_queries(long_model, variables, rng_t) if q[0] == "loss"][0]
+out["long_points"] = len(run(series[1]).result_rows) * 2
+print(json.dumps(out))
+'''
+
+
+def bench_dashboards(quick: bool, broker, tmp: Path) -> None:
+    console.rule("Dashboards: the slowest panel query of each, on a loaded chDB")
+    shape = "100x10x10000" if quick else "1000x10x10000"
+    env = dict(os.environ, BENCH_SHAPE=shape, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", DASHBOARDS, str(tmp / "dash-chdb")], env=env, capture_output=True,
+                         text=True, timeout=3600, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"dashboard benchmark failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    runs, metrics, steps = shape.split("x")
+    note = f"{int(runs):,} runs × {metrics} metrics × {int(steps):,} steps + one 1 M-point series; " \
+           f"{res['rows']:,} rows loaded directly in {res['load_s']:.0f} s"
+    for name, (seconds, title) in res["dashboards"].items():
+        record(f"slowest panel of {name.removesuffix('.json')} ({title!r}), median of 5", seconds * 1000, "ms",
+               note=note)
+    record("points returned for one series of 1,000,000 points (Run dashboard, min+max per bucket)",
+           res["long_points"], "points", "bounded", "max_points = 1,000 buckets")
+
+
 def _direct_insert_rate(path: Path) -> float:
     code = r'''
 import json, time, sys, numpy as np, pyarrow as pa, clickhouse_connect
@@ -370,7 +462,7 @@ def _bytes_per_point(w) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes)")
-    ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files"], help="run one group")
+    ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files", "dashboards"], help="run one group")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -388,6 +480,8 @@ def main() -> int:
             bench_submit(args.quick, broker, tmp)
         if args.only in (None, "files"):
             bench_files(args.quick, broker, tmp)
+        if args.only in (None, "dashboards"):
+            bench_dashboards(args.quick, broker, tmp)
     finally:
         broker.stop()
     out = ROOT / "benchmarks" / "results"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Workspace", "Experiment", "Run", "ScriptRunConfig", "MetricError", "MetricTypeError", "RunwatchError",
+__all__ = ["Workspace", "Experiment", "Run", "ScriptRunConfig", "RunDetails", "MetricError", "MetricTypeError", "RunwatchError",
            "RunFailedError", "__version__"]
 
 
@@ -19,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from producers.launcher import ScriptRunConfig
 
         return ScriptRunConfig
+    if name == "RunDetails":
+        from .widget import RunDetails
+
+        return RunDetails
     if name == "RunFailedError":
         from producers.watch import RunFailedError
 

@@ -47,6 +47,7 @@ class ReadApi:
         r.add_get("/api/runs/{run_id}", self.run)
         r.add_get("/api/runs/{run_id}/metrics", self.metrics)
         r.add_get("/api/runs/{run_id}/children", self.children)
+        r.add_get("/api/runs/{run_id}/aggregates", self.run_aggregates)
         r.add_get("/api/runs/{run_id}/history", self.history)
         r.add_get("/api/runs/{run_id}/files", self.file_list)
         r.add_get("/api/runs/{run_id}/files/{name:.+}", self.file_get)
@@ -140,6 +141,10 @@ class ReadApi:
         await self._get_run(run_id)
         return self._json(await self._q(self.queries.metrics, run_id, request.query.get("name"),
                                         _bool(request.query.get("recursive"))))
+
+    async def run_aggregates(self, request: web.Request) -> web.Response:
+        run_id = request.match_info["run_id"]
+        return self._json((await self._q(self.queries.aggregates, [run_id])).get(run_id, {}))
 
     async def children(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]

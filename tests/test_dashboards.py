@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, Worker, _unique, unique_name, wait_until
-from dashboards import build, provisioning
-from dashboards.macros import ALL, Variable, expand, template
+from dashboards import build, evaluate, provisioning
+from dashboards.macros import ALL, Variable, expand
 from dashboards.sdk import DATASOURCE_UID
 
 NOW = datetime.now(timezone.utc)
@@ -123,52 +123,18 @@ def run_sql(client, sql: str):
 
 
 def resolve(client, model: dict, choices: dict) -> dict[str, Variable]:
-    """Each variable of a dashboard as Grafana would resolve it: query variables run their own SQL."""
-    out: dict[str, Variable] = {}
-    for v in model.get("templating", {}).get("list", []):
-        name, kind = v["name"], v["type"]
-        if kind == "query":
-            options = [str(r[0]) for r in run_sql(client, expand(v["query"], out, *RANGE)).result_rows]
-        elif kind == "custom":
-            options = v["query"].split(",")
-        elif kind == "constant":
-            options = [v["query"]]
-        else:
-            options = []
-        if name in choices:
-            current = choices[name]
-        elif kind == "constant":
-            current = v["query"]
-        elif v.get("includeAll"):
-            current = ALL
-        else:
-            current = options[0] if options else ""
-        out[name] = Variable(current, options)
-    return out
+    return evaluate.resolve(lambda sql: run_sql(client, sql), model, choices, RANGE)
 
 
-def panel_results(client, model: dict, variables: dict[str, Variable]) -> dict[str, list[tuple]]:
-    """{panel title (repeats: title with the value): (column names, rows, panel type)} for every panel."""
-    results = {}
+def panel_results(client, model: dict, variables: dict[str, Variable]) -> dict[str, tuple]:
+    """{panel title as Grafana shows it: (column names, rows, panel type, format)}; every target on
+    the provisioned datasource."""
     for panel in model["panels"]:
-        repeat = panel.get("repeat")
-        values = [None]
-        if repeat:
-            var = variables[repeat]
-            values = var.options if var.current == ALL else (
-                var.current if isinstance(var.current, list) else [var.current])
-        for value in values:
-            vs = dict(variables)
-            if repeat:
-                vs[repeat] = Variable(value, variables[repeat].options)
-            for target in panel["targets"]:
-                assert target["datasource"]["uid"] == DATASOURCE_UID
-                points = panel.get("maxDataPoints", 1000)
-                interval = max(1.0, (RANGE[1] - RANGE[0]).total_seconds() / points)
-                sql = expand(target["rawSql"], vs, *RANGE, interval_s=interval)
-                res = run_sql(client, sql)
-                title = template(panel["title"], vs)  # Grafana shows titles with the values
-                results[title] = (list(res.column_names), res.result_rows, panel["type"], target["format"])
+        assert all(t["datasource"]["uid"] == DATASOURCE_UID for t in panel["targets"]), panel["title"]
+    results = {}
+    for title, sql, ptype, fmt in evaluate.panel_queries(model, variables, RANGE):
+        res = run_sql(client, sql)
+        results[title] = (list(res.column_names), res.result_rows, ptype, fmt)
     return results
 
 

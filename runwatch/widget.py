@@ -1,0 +1,310 @@
+"""RunDetails(run).show(): a run, live, in Jupyter (anywidget + uPlot, shipped with the package: nothing is
+fetched from the network at run time). Outside Jupyter, `print(RunDetails(run))` gives a text summary.
+
+The Python side polls the read API every `refresh_interval` seconds (10 by default) in a daemon
+thread, until the run reaches a terminal state; the browser side only draws the synced state.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .client import NotFound, RunwatchError
+from .events import TERMINAL_STATES
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_POINTS = 500          # per chart: longer series are reduced to min/max per bucket
+TAIL_LINES = 50
+MAX_IMAGE_BYTES = 2 << 20
+_TERMINAL = {s.value for s in TERMINAL_STATES}
+
+
+def _bucketed(values: list[float]) -> tuple[list[float], list[float], list[float]]:
+    """(x, min, max) with at most MAX_POINTS buckets of consecutive steps; a spike survives as a max."""
+    n = len(values)
+    if n <= MAX_POINTS:
+        clean = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+        return list(range(n)), clean, clean
+    width = math.ceil(n / MAX_POINTS)
+    xs, lo, hi = [], [], []
+    for start in range(0, n, width):
+        chunk = [v for v in values[start:start + width] if isinstance(v, (int, float)) and math.isfinite(v)]
+        xs.append(start)
+        lo.append(min(chunk) if chunk else None)
+        hi.append(max(chunk) if chunk else None)
+    return xs, lo, hi
+
+
+def _fnum(v: Any) -> Any:
+    return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+class RunDetails:
+    """A live view of one run: status, elapsed time, properties, tags, metrics, log files, child runs."""
+
+    def __init__(self, run: Any, refresh_interval: float = 10.0, child_metric: str | None = None,
+                 goal: str = "min"):
+        if goal not in ("min", "max"):
+            raise ValueError(f"RunDetails: goal must be 'min' or 'max', not {goal!r}")
+        self.run = run
+        self.refresh_interval = float(refresh_interval)
+        self.child_metric = child_metric
+        self.goal = goal
+        self.selected_file: str | None = None
+        self.state: dict[str, Any] = {"run_id": run.id, "status": run.status or "", "polling": False}
+        self.refreshes = 0
+        self._widget = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- what is shown ----------------------------------------------------------------------
+    def refresh(self) -> dict[str, Any]:
+        """Ask the read API once and update the state (and the widget, when shown). Never raises for
+        an unreachable stack: the state says so, and the next refresh tries again."""
+        with self._lock:
+            try:
+                state = self._collect()
+            except RunwatchError as exc:
+                state = dict(self.state, stack_error=str(exc))
+            state["refresh_interval"] = self.refresh_interval
+            state["refreshed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            state["polling"] = self._thread is not None and not self._stop.is_set() and not state.get("terminal")
+            self.state = state
+            self.refreshes += 1
+            if self._widget is not None:
+                self._widget.state = state
+            return state
+
+    def _collect(self) -> dict[str, Any]:
+        api = self.run._api()
+        rid = self.run.id
+        try:
+            d = api.get(f"/api/runs/{rid}")
+        except NotFound:
+            return {"run_id": rid, "status": "NotStarted", "terminal": False, "stack_error": None,
+                    "note": "the run is not stored yet", "metrics": [], "files": [], "children": [],
+                    "portal_url": self.run.get_portal_url()}
+        status = d["status"]
+        start = d.get("start_time") or d.get("created_time")
+        elapsed = d.get("duration_s")
+        if elapsed is None and start:
+            elapsed = time.time() - datetime.fromisoformat(start).timestamp()
+        state: dict[str, Any] = {
+            "run_id": rid, "experiment": d["experiment"], "display_name": d.get("display_name"), "status": status,
+            "terminal": status in _TERMINAL, "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
+            "start_time": d.get("start_time"), "end_time": d.get("end_time"), "error": d.get("error"),
+            "properties": {k: v for k, v in d.get("properties", {}).items() if not k.startswith("_runwatch.")},
+            "tags": d.get("tags", {}), "portal_url": self.run.get_portal_url(), "stack_error": None,
+        }
+        state["metrics"] = self._metrics(api, rid)
+        files = [f["name"] for f in api.get(f"/api/runs/{rid}/files") if f["kind"] == "log"]
+        state["files"] = files
+        if self.selected_file not in files:
+            driver = [f for f in files if f.startswith("azureml-logs/70_driver_log")]
+            self.selected_file = (driver or files or [None])[0]
+        state["selected_file"] = self.selected_file
+        state["log_tail"] = ([ln["line"] for ln in api.get(f"/api/runs/{rid}/logs", file=self.selected_file,
+                                                             tail=TAIL_LINES)["lines"]]
+                             if self.selected_file else [])
+        state.update(self._children(api, rid))
+        return state
+
+    def _metrics(self, api, rid: str) -> list[dict[str, Any]]:
+        aggs = api.get(f"/api/runs/{rid}/aggregates")
+        kinds = {k.split(".")[0] if v["kind"] in ("row", "table") else k: v["kind"] for k, v in aggs.items()}
+        values = api.get(f"/api/runs/{rid}/metrics")
+        out = []
+        for name in sorted(values):
+            v = values[name]
+            kind = kinds.get(name, "table" if isinstance(v, dict) else "scalar")
+            m: dict[str, Any] = {"name": name, "kind": kind}
+            if kind == "image":
+                last = v[-1] if isinstance(v, list) else v
+                m["file"] = last
+                m["image"] = self._image(api, rid, last)
+            elif isinstance(v, dict):  # rows and tables: the first column (by name) against the second
+                cols = sorted(v)
+                x, y = cols[0], cols[1] if len(cols) > 1 else cols[0]
+                pairs = sorted((a, b) for a, b in zip(v[x], v[y]) if isinstance(a, (int, float))
+                               and isinstance(b, (int, float)))
+                m.update(x_label=x, y_label=y, x=[_fnum(a) for a, _ in pairs], y=[_fnum(b) for _, b in pairs])
+            elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                m["x"], m["min"], m["max"] = _bucketed(v)
+                m["points"] = len(v)
+                m["last"] = _fnum(v[-1])
+            else:
+                m["value"] = _fnum(v[-1] if isinstance(v, list) and v else v)
+            out.append(m)
+        return out
+
+    def _image(self, api, rid: str, name: str) -> str | None:
+        import io
+
+        buf = io.BytesIO()
+        try:
+            n = api.download(f"/api/runs/{rid}/files/{name}", buf)
+        except RunwatchError:
+            return None
+        if n > MAX_IMAGE_BYTES:
+            return None
+        mime = "image/png" if name.lower().endswith(".png") else "image/jpeg" if name.lower().endswith(
+            (".jpg", ".jpeg")) else "image/svg+xml" if name.lower().endswith(".svg") else "image/png"
+        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def _children(self, api, rid: str) -> dict[str, Any]:
+        kids = api.get(f"/api/runs/{rid}/children")
+        if not kids:
+            return {"children": [], "child_metric": None, "child_metric_options": [], "best_child": None}
+        ids = [k["run_id"] for k in kids]
+        options = sorted({name for k in ids for name, a in self._child_aggs(api, k).items()
+                          if a["kind"] in ("scalar", "list")})
+        metric = self.child_metric if self.child_metric in options else (options[0] if options else None)
+        rows, best, best_value = [], None, None
+        for k in kids:
+            agg = self._child_aggs(api, k["run_id"]).get(metric) if metric else None
+            value = None if agg is None else (agg["min"] if self.goal == "min" else agg["max"])
+            rows.append({"run_id": k["run_id"], "name": k.get("display_name") or k["run_id"], "status": k["status"],
+                         "duration_s": k.get("duration_s"), "value": _fnum(value),
+                         "last": _fnum(agg["last"]) if agg else None})
+            if isinstance(value, (int, float)) and math.isfinite(value) and (
+                    best_value is None or (value < best_value if self.goal == "min" else value > best_value)):
+                best, best_value = k["run_id"], value
+        return {"children": rows, "child_metric": metric, "child_metric_options": options, "best_child": best,
+                "goal": self.goal}
+
+    def _child_aggs(self, api, rid: str) -> dict[str, Any]:
+        cache = getattr(self, "_agg_cache", None)
+        if cache is None or cache[0] != self.refreshes:
+            self._agg_cache = cache = (self.refreshes, {})
+        if rid not in cache[1]:
+            cache[1][rid] = api.get(f"/api/runs/{rid}/aggregates")
+        return cache[1][rid]
+
+    # -- polling ----------------------------------------------------------------------------------
+    def start(self) -> "RunDetails":
+        """Refresh now and then every `refresh_interval` seconds until the run is in a terminal state."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, name="runwatch-rundetails", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            state = self.refresh()
+            if state.get("terminal") and not state.get("stack_error"):
+                break  # the run is over: one last refresh was shown, polling ends
+            self._stop.wait(self.refresh_interval)
+        self._stop.set()
+        self.state = dict(self.state, polling=False)
+        if self._widget is not None:
+            self._widget.state = self.state
+
+    @property
+    def polling(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- display ------------------------------------------------------------------------------------
+    def widget(self):
+        """The anywidget (built once); its `state` trait is what the browser draws."""
+        if self._widget is None:
+            self._widget = _widget_class()(state=self.state)
+
+            def chosen(change):  # the front end picked a log file or a child metric
+                if change["name"] == "selected_file":
+                    self.selected_file = change["new"]
+                else:
+                    self.child_metric = change["new"]
+                threading.Thread(target=self.refresh, daemon=True).start()
+
+            self._widget.observe(chosen, names=["selected_file", "child_metric"])
+        return self._widget
+
+    def show(self) -> None:
+        """Display the widget in Jupyter and keep it current; elsewhere print the text summary."""
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            get_ipython = None  # noqa: N806
+        shell = get_ipython() if get_ipython else None
+        if shell is None or not hasattr(shell, "kernel"):
+            self.refresh()
+            print(self)
+            return
+        display(self.widget())
+        self.start()
+
+    def __str__(self) -> str:
+        s = self.state if self.refreshes else self.refresh()
+        lines = [f"Run {s['run_id']}" + (f" ({s['display_name']})" if s.get("display_name") else "")
+                 + (f", experiment {s['experiment']}" if s.get("experiment") else "")]
+        if s.get("stack_error"):
+            lines.append(f"  the stack cannot be reached: {s['stack_error']}")
+        lines.append(f"  status: {s.get('status')}" + (f", {s['elapsed_s']:.1f} s" if s.get("elapsed_s") else ""))
+        if s.get("error"):
+            lines.append(f"  error: {s['error'].get('message') if isinstance(s['error'], dict) else s['error']}")
+        for key in ("tags", "properties"):
+            if s.get(key):
+                lines.append(f"  {key}: " + ", ".join(f"{k}={v}" if v is not None else k for k, v in s[key].items()))
+        for m in s.get("metrics", []):
+            if "points" in m:
+                finite = [v for v in m["min"] if v is not None]
+                lines.append(f"  {m['name']}: {m['points']} values, last {m['last']}, "
+                             f"min {min(finite) if finite else 'n/a'}")
+            elif "x" in m:
+                lines.append(f"  {m['name']}: {len(m['x'])} rows of {m['x_label']} and {m['y_label']}")
+            elif m["kind"] == "image":
+                lines.append(f"  {m['name']}: image {m['file']}")
+            else:
+                lines.append(f"  {m['name']}: {m['value']}")
+        if s.get("files"):
+            lines.append(f"  log files: {len(s['files'])}; last lines of {s['selected_file']}:")
+            lines += [f"    {ln}" for ln in s.get("log_tail", [])[-5:]]
+        if s.get("children"):
+            lines.append(f"  child runs: {len(s['children'])}" + (
+                f"; best by {s['goal']} {s['child_metric']}: {s['best_child']}" if s.get("best_child") else ""))
+        lines.append(f"  {s.get('portal_url', '')}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self))
+
+
+_WIDGET_CLASS = None
+
+
+def _widget_class():
+    """The anywidget class, made on first use (importing runwatch never imports ipywidgets)."""
+    global _WIDGET_CLASS
+    if _WIDGET_CLASS is None:
+        import anywidget
+        import traitlets
+
+        esm, css = front_end()
+
+        class RunDetailsWidget(anywidget.AnyWidget):
+            _esm = esm
+            _css = css
+            state = traitlets.Dict().tag(sync=True)
+            selected_file = traitlets.Unicode(allow_none=True).tag(sync=True)
+            child_metric = traitlets.Unicode(allow_none=True).tag(sync=True)
+
+        _WIDGET_CLASS = RunDetailsWidget
+    return _WIDGET_CLASS
+
+
+def front_end() -> tuple[str, str]:
+    """(JavaScript module, CSS) of the widget, as Jupyter receives them."""
+    return ((STATIC / "uPlot.iife.min.js").read_text() + "\n" + (STATIC / "rundetails.js").read_text(),
+            (STATIC / "uPlot.min.css").read_text() + "\n" + (STATIC / "rundetails.css").read_text())
