@@ -14,7 +14,7 @@ import faust
 from runwatch.events import Alert, DeadLetter, Envelope, EventError, LogBatch, decode, encode, make_envelope
 from runwatch.settings import Settings
 
-from .logic import MetricsLogic, RunStateLogic, derived_id, update_tails
+from .logic import MetricsLogic, Rejected, RunStateLogic, derived_id, update_tails
 from .notify import Webhook
 
 log = logging.getLogger("runwatch.processors")
@@ -59,7 +59,7 @@ class Processors:
         self.metric_state = app.Table("metric_state", default=None, partitions=settings.partitions)
         self.run_state = app.Table("run_state", default=None, partitions=settings.partitions)
         self.log_tail = app.Table("log_tail", default=None, partitions=settings.partitions)
-        self.metrics_logic = MetricsLogic()
+        self.metrics_logic = MetricsLogic(settings.max_metric_names)
         self.run_logic = RunStateLogic()
         self.started = time.time()
         self.liveness_checks = 0
@@ -109,6 +109,9 @@ class Processors:
         try:
             await handler(env)
             self.events += 1
+        except Rejected as exc:  # bad input, said and counted: not an error of ours
+            if dead_letter:
+                await self._dead_letter(str(exc), msg, env)
         except Exception as exc:  # Faust acks the event anyway: record it instead of losing it silently
             self.errors += 1
             log.exception("runwatch processors: handling %s failed", env.event_id)

@@ -30,19 +30,42 @@ def is_repeat(seen: dict[str, int], env: Envelope) -> bool:
     return False
 
 
+class Rejected(Exception):
+    """An event the processors refuse (it goes to the dlq with this reason); not a processing error."""
+
+
 class MetricsLogic:
     """Per run: {"seen": {source: seq}, "aggs": {metric key: row}, "version": n}."""
+
+    def __init__(self, max_metric_names: int = 1000):
+        self.max_names = max_metric_names
 
     @staticmethod
     def new_state() -> dict[str, Any]:
         return {"seen": {}, "aggs": {}, "version": 0}
+
+    def _current(self, env: Envelope, state: dict[str, Any]) -> list[Out]:
+        rows = agg.to_rows(state["aggs"], list(state["aggs"]))
+        for r in rows:
+            r["version"] = state["version"]
+        payload = MetricAggregates(source_event=env.event_id, rows=rows)
+        out = make_envelope(env.run_id, env.experiment, payload, state["version"],
+                            event_id=derived_id("agg-again", env.run_id, str(state["version"])))
+        return [("aggregates", env.run_id, out)]
 
     def handle(self, env: Envelope, state: dict[str, Any]) -> list[Out]:
         batch = env.payload
         if not isinstance(batch, MetricBatch):
             return []
         if is_repeat(state["seen"], env):
-            return []
+            # A replay (after a crash, the input offsets lag the table's changelog): the state has this batch,
+            # but the aggregates it produced may not have reached the topic. Send the run's current rows
+            # again; they carry the same version, so storing them twice changes nothing.
+            return self._current(env, state) if state["version"] else []
+        names = {agg.split_key(k)[0] for k in state["aggs"]} | {n.name for n in batch.names}
+        if len(names) > self.max_names:
+            raise Rejected(f"run {env.run_id} would have {len(names)} distinct metric names; "
+                           f"at most {self.max_names} (max_metric_names): the batch was not aggregated")
         rows = agg.batch_aggregates(batch)
         agg.merge(state["aggs"], rows)
         state["version"] += 1
@@ -76,7 +99,8 @@ class RunStateLogic:
         """Apply one `runs` event. `now` is when the worker received it (liveness is judged on the
         worker's clock, not the producer's); `tails` are the last log lines per file, for alerts."""
         if is_repeat(st["seen"], env):
-            return []
+            # a replay: send the current snapshot again (same version), in case the first one was lost
+            return [self._resend(st)] if st["version"] else []
         p = env.payload
         out: list[Out] = []
         changed = True
@@ -132,6 +156,12 @@ class RunStateLogic:
         if changed or out:
             out.append(self.snapshot(env, st))
         return out
+
+    def _resend(self, st: dict[str, Any]) -> Out:
+        public = {k: v for k, v in st.items() if k != "seen"}
+        return ("aggregates", st["run_id"],
+                make_envelope(st["run_id"], st["experiment"], RunState(version=st["version"], snapshot=public),
+                              st["version"], event_id=derived_id("state-again", st["run_id"], str(st["version"]))))
 
     def snapshot(self, env: Envelope, st: dict[str, Any]) -> Out:
         st["version"] += 1
@@ -211,4 +241,4 @@ def update_tails(tails: dict[str, list[str]], batch: LogBatch) -> bool:
     return True
 
 
-__all__ = ["MetricsLogic", "RunStateLogic", "derived_id", "is_repeat", "update_tails", "LIVE_STATES"]
+__all__ = ["MetricsLogic", "Rejected", "RunStateLogic", "derived_id", "is_repeat", "update_tails", "LIVE_STATES"]

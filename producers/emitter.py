@@ -85,6 +85,7 @@ class Emitter:
         self._wake_async: asyncio.Event | None = None
         self._started = threading.Event()
         self._closing = False
+        self._final_drain_tried = False
         self._closed = False
         self._start_lock = threading.Lock()
         self.connected = False
@@ -243,6 +244,15 @@ class Emitter:
                 self.stats.background_errors += 1
                 log.exception("runwatch: error in the background flush (training is not affected)")
             if self._closing and not self._outbox and not self._flush_requests:
+                if self._spooling and not self.offline and not self._final_drain_tried:
+                    # the process is ending with events on disk: one last try to send them now (the broker
+                    # may be back), instead of leaving them for `runwatch sync`; bounded by close()'s timeout
+                    self._final_drain_tried = True
+                    self._next_connect = 0.0
+                    try:
+                        await self._send()
+                    except Exception:
+                        log.warning("runwatch: the spool could not be sent at exit; `runwatch sync` sends it")
                 return
 
     # -- packing -------------------------------------------------------------------

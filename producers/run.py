@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from runwatch.client import ApiClient, RunwatchError
-from runwatch.events import (DType, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
+from runwatch.events import (DType, Heartbeat, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
                              TagsSet, TERMINAL_STATES)
 from runwatch.filenames import FileError
 from runwatch.settings import Settings
@@ -355,6 +355,10 @@ class Run:
         # Completion is the one place the SDK waits on I/O, bounded: the points logged so far
         # reach the broker (or the spool) before the run says it is done.
         self._em.flush(timeout=10.0)
+        dropped = self._em.stats.dropped_by_run.get(self.id, 0)
+        if dropped:  # the last word on what was lost, after the final flush counted it
+            self._emit(Heartbeat(dropped=dropped))
+            self._em.flush(timeout=10.0)
         if refused:
             raise FileError(f"run {self.id} is {status.value}, but {len(refused)} file(s) under outputs/ were not "
                             "stored: " + "; ".join(refused))

@@ -15,6 +15,10 @@ _LEN = struct.Struct("<I")
 SEGMENT_BYTES = 8 << 20
 
 
+#: Bytes past `max_bytes` that only point-less control events may use.
+CONTROL_RESERVE = 256 << 10
+
+
 @dataclass(frozen=True)
 class Record:
     topic: str
@@ -99,7 +103,10 @@ class Spool:
         refused: list[Record] = []
         for rec in records:
             data = rec.pack()
-            if self._bytes + len(data) > self.max_bytes:
+            # Control events (no points: status, tags, heartbeats carrying the drop count) may use a small
+            # reserve past the bound, so that a full spool still records that the run ended and what it lost.
+            limit = self.max_bytes + (CONTROL_RESERVE if rec.points == 0 else 0)
+            if self._bytes + len(data) > limit:
                 refused.append(rec)
                 continue
             try:

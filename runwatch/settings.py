@@ -62,6 +62,9 @@ class Settings:
     request_timeout_ms: int = 10_000
     # --- worker ----------------------------------------------------------------------
     clickhouse_url: str | None = None
+    #: "all" (processors, sink and read API), or "processors" (only the Faust app: add these to scale out;
+    #: one "all" worker keeps the sink and the API).
+    worker_role: str = "all"
     api_host: str = "127.0.0.1"
     api_port: int = 8765
     broker_port: int = 19092

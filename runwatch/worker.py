@@ -44,6 +44,10 @@ def run(settings: Settings) -> None:
     asyncio.run(_retry(lambda: ensure_topics(bootstrap, settings)))
     asyncio.set_event_loop(asyncio.new_event_loop())
 
+    if settings.worker_role not in ("all", "processors"):
+        raise SystemExit(f"runwatch worker: worker_role must be 'all' or 'processors', not {settings.worker_role!r}")
+    if settings.worker_role == "processors":
+        return _run_processors_only(settings, bootstrap)
     writer_client = clickhouse_client(settings)
     version = migrate(writer_client)
     reader_client = clickhouse_client(settings)
@@ -62,7 +66,7 @@ def run(settings: Settings) -> None:
             "webhook": ({"url": settings.alert_webhook_url, "delivered": procs.webhook.delivered,
                          "failed": procs.webhook.failed} if procs.webhook else None),
             "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
-                     "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped,
+                     "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped, "rejected": sink.stats.rejected,
                      "dead_letters": sink.stats.dead_letters, "lag": dict(sink.stats.lag),
                      "retries": sink.stats.insert_retries},
             "broker": bootstrap,
@@ -87,6 +91,18 @@ def run(settings: Settings) -> None:
             state_file.unlink()
         except FileNotFoundError:
             pass
+
+
+def _run_processors_only(settings: Settings, bootstrap: str) -> None:
+    """A scale-out worker: the Faust app alone (no ClickHouse, no read API); partitions spread the runs."""
+    import faust
+
+    from processors.app import Processors
+
+    procs = Processors(settings, bootstrap)
+    worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
+                          redirect_stdouts=False)
+    worker.execute_from_commandline()
 
 
 async def _retry(fn, attempts: int = 20, delay: float = 0.25):

@@ -15,7 +15,9 @@ import concurrent.futures
 import json
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ class SinkStats:
     events: int = 0
     rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     repeats_dropped: int = 0
+    rejected: int = 0
     dead_letters: int = 0
     insert_retries: int = 0
     last_insert_ts: float = 0.0
@@ -196,6 +199,12 @@ class ClickHouseSink:
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink")
         self._topic_kind = {settings.topic(t): t for t in SINK_TOPICS}
+        # Fault injection for the reliability suite only (docs/reliability.md); unset in normal use.
+        fault = os.environ.get("RUNWATCH_TEST_FAULT", "")
+        kind, _, arg = fault.partition(":")
+        self._crash_after_inserts = int(arg) if kind == "crash-after-insert" else 0
+        self._clickhouse_down_file = Path(arg) if kind == "clickhouse-down-while" else None
+        self._inserts = 0
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -309,6 +318,8 @@ class ClickHouseSink:
 
     # -- runs in the sink's thread ---------------------------------------------------------
     def _write(self, ranges: dict[Any, tuple[int, int, list]]) -> None:
+        if self._clickhouse_down_file is not None and self._clickhouse_down_file.exists():
+            raise ConnectionError("ClickHouse is unavailable (injected by RUNWATCH_TEST_FAULT)")
         intents = [[self.group_id, tp.topic, tp.partition, start, end] for tp, (start, end, _) in ranges.items()]
         self.client.insert(f"{DB}.sink_intents", intents,
                            column_names=["group_id", "topic", "partition", "start_offset", "end_offset"],
@@ -326,6 +337,9 @@ class ClickHouseSink:
                 if kind in ("metrics", "logs") and self._is_repeat(kind, env, seen):
                     self.stats.repeats_dropped += 1
                     continue
+                if isinstance(env.payload, MetricBatch) and len(env.payload.names) > self.settings.max_metric_names:
+                    self.stats.rejected += 1  # a cardinality bomb: the processors send it to the dlq with the reason
+                    continue
                 builder.add(env)
                 self.stats.events += 1
             token = f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}"
@@ -336,6 +350,10 @@ class ClickHouseSink:
                 if table == "dead_letters":
                     self.stats.dead_letters += data.num_rows
         self._last_seq.update(seen)
+        self._inserts += 1
+        if self._crash_after_inserts and self._inserts >= self._crash_after_inserts:
+            log.error("runwatch sink: crashing after an insert, before its offset commit (RUNWATCH_TEST_FAULT)")
+            os._exit(137)
 
     def _decode(self, tp, msgs) -> list[tuple[Envelope | None, Any]]:
         out = []

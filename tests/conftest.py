@@ -151,9 +151,11 @@ class Worker(_Process):
         return f"http://127.0.0.1:{self.api_port}"
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, RUNWATCH_HOME=str(self.home), RUNWATCH_BOOTSTRAP_SERVERS=self.broker.bootstrap,
-                    RUNWATCH_TOPIC_PREFIX=self.prefix, RUNWATCH_BROKER_KIND="tansu",
-                    RUNWATCH_API_PORT=str(self.api_port), RUNWATCH_API_URL=self.api_url, **self.extra_env)
+        env = dict(os.environ, RUNWATCH_HOME=str(self.home), RUNWATCH_BOOTSTRAP_SERVERS=self.broker.bootstrap,
+                   RUNWATCH_TOPIC_PREFIX=self.prefix, RUNWATCH_BROKER_KIND="tansu",
+                   RUNWATCH_API_PORT=str(self.api_port), RUNWATCH_API_URL=self.api_url)
+        env.update(self.extra_env)
+        return env
 
     def start(self, timeout: float = 60) -> "Worker":
         self.home.mkdir(parents=True, exist_ok=True)

@@ -128,8 +128,11 @@ def test_state_logic_applies_rejects_and_alerts():
     outs = logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_)
     tr = outs[0][2].payload
     assert not tr.applied and st_["status"] == "Failed" and st_["illegal_transitions"] == 1
-    # a repeated event (same source and seq) changes nothing
-    assert logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_) == []
+    # a repeated event (same source and seq) changes nothing; the current snapshot is sent again, same version
+    before = dict(st_)
+    again = logic.handle(make_envelope("r", "e", StatusChanged(status=RunStatus.Running), seq=3, source=src), st_)
+    assert st_ == before and [env.payload.kind for _, _, env in again] == ["run_state"]
+    assert again[0][2].payload.version == st_["version"] and again[0][2].payload.snapshot["status"] == "Failed"
 
 
 def test_sdk_import_stays_light():

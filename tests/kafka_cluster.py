@@ -1,0 +1,188 @@
+"""Apache Kafka for the reliability suite: jars from Maven Central (cached), KRaft brokers on 127.0.0.1.
+
+`kafka_classpath()` resolves org.apache.kafka:kafka_2.13 and its dependencies with the machine's
+Maven into ~/.cache/runwatch/kafka-<version>/ once; later runs reuse it. `KafkaCluster(n)` formats
+and starts n combined broker+controller nodes (n=3: replication factor 3, min.insync.replicas 2),
+waits until every broker is registered, and can SIGKILL, restart, SIGSTOP and SIGCONT each node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from runwatch.stack import free_port, port_open
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_VERSION = os.environ.get("RUNWATCH_TEST_KAFKA_VERSION", "4.1.1")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "runwatch" / f"kafka-{KAFKA_VERSION}"
+
+LOG4J = """rootLogger.level=WARN
+rootLogger.appenderRef.stdout.ref=STDOUT
+appender.stdout.type=Console
+appender.stdout.name=STDOUT
+appender.stdout.layout.type=PatternLayout
+appender.stdout.layout.pattern=[%d] %p %m (%c)%n
+"""
+
+
+def kafka_classpath() -> str:
+    """The broker's classpath; the first call on a machine downloads the jars (about 40 MB) with Maven."""
+    lib = CACHE / "lib"
+    done = CACHE / ".complete"
+    if not done.exists():
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError("Maven (mvn) is needed to fetch Apache Kafka's jars for the reliability suite")
+        shutil.rmtree(lib, ignore_errors=True)
+        lib.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run([mvn, "-q", "-B", "-f", str(ROOT / "tests" / "kafka" / "pom.xml"),
+                              f"-Dkafka.version={KAFKA_VERSION}", "dependency:copy-dependencies",
+                              f"-DoutputDirectory={lib}", "-DincludeScope=runtime"],
+                             capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise RuntimeError(f"Maven could not fetch kafka_2.13 {KAFKA_VERSION}:\n{out.stdout[-3000:]}")
+        (CACHE / "log4j2.properties").write_text(LOG4J)
+        done.write_text(KAFKA_VERSION)
+    return str(lib / "*")
+
+
+class KafkaCluster:
+    def __init__(self, n: int, workdir: Path, heap_mb: int = 384):
+        self.n = n
+        self.workdir = Path(workdir)
+        self.heap_mb = heap_mb
+        self.ports = [free_port() for _ in range(n)]
+        self.controller_ports = [free_port() for _ in range(n)]
+        #: what clients are told to connect to (a test proxy may stand in front of a broker)
+        self.advertised = list(self.ports)
+        self.procs: list[subprocess.Popen | None] = [None] * n
+        self.cluster_id = None
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.advertised)
+
+    def _props(self, i: int) -> Path:
+        voters = ",".join(f"{j + 1}@127.0.0.1:{p}" for j, p in enumerate(self.controller_ports))
+        rf = min(3, self.n)
+        props = {
+            "process.roles": "broker,controller", "node.id": i + 1, "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.ports[i]},CONTROLLER://127.0.0.1:{self.controller_ports[i]}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.advertised[i]}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT", "log.dirs": self.workdir / f"node{i + 1}" / "data",
+            "offsets.topic.replication.factor": rf, "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": min(2, rf), "default.replication.factor": rf,
+            "min.insync.replicas": min(2, rf), "group.initial.rebalance.delay.ms": 0,
+            "auto.create.topics.enable": "false", "log.flush.interval.messages": 1,
+        }
+        path = self.workdir / f"node{i + 1}" / "server.properties"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def _java(self, *args: str) -> list[str]:
+        return ["java", f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                f"-Dlog4j2.configurationFile={CACHE / 'log4j2.properties'}", "-cp", kafka_classpath(), *args]
+
+    def start(self, timeout: float = 90) -> "KafkaCluster":
+        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
+        for i in range(self.n):
+            props = self._props(i)
+            out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}",
+                                            "-c", str(props)), capture_output=True, text=True, timeout=120)
+            if out.returncode != 0:
+                raise RuntimeError(f"formatting node {i + 1} failed: {out.stdout}{out.stderr}")
+        for i in range(self.n):
+            self.start_node(i, wait=False)
+        self.wait_ready(timeout)
+        return self
+
+    def start_node(self, i: int, wait: bool = True) -> None:
+        props = self.workdir / f"node{i + 1}" / "server.properties"
+        log = open(self.workdir / f"node{i + 1}" / "broker.log", "ab")
+        self.procs[i] = subprocess.Popen(self._java("kafka.Kafka", str(props)), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 90) -> float:
+        """Block until every running node answers and all of them are registered brokers; return seconds."""
+        t0 = time.monotonic()
+        alive = [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
+        while time.monotonic() - t0 < timeout:
+            for i, p in enumerate(self.procs):
+                if p is not None and p.poll() is not None:
+                    raise RuntimeError(f"Kafka node {i + 1} exited: "
+                                       f"{(self.workdir / f'node{i + 1}' / 'broker.log').read_text()[-3000:]}")
+            if all(port_open(self.ports[i]) for i in alive) and self._brokers() >= len(alive):
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise TimeoutError(f"Kafka cluster not ready after {timeout}s")
+
+    def _brokers(self) -> int:
+        async def count() -> int:
+            from aiokafka.admin import AIOKafkaAdminClient
+
+            live = ",".join(f"127.0.0.1:{self.ports[i]}" for i, p in enumerate(self.procs)
+                            if p is not None and p.poll() is None)
+            admin = AIOKafkaAdminClient(bootstrap_servers=live, request_timeout_ms=3000)
+            try:
+                await admin.start()
+                info = await admin.describe_cluster()
+                return len(info["brokers"])
+            except Exception:
+                return 0
+            finally:
+                await admin.close()
+        return asyncio.run(count())
+
+    def kill(self, i: int) -> None:
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+
+    def pause(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGCONT)
+
+    def leader_of(self, topic: str, partition: int = 0) -> int:
+        """Index of the node leading a partition."""
+        async def find() -> int:
+            from aiokafka.admin import AIOKafkaAdminClient
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+            await admin.start()
+            try:
+                (info,) = await admin.describe_topics([topic])
+            finally:
+                await admin.close()
+            return next(int(p["leader"]) for p in info["partitions"] if p["partition"] == partition) - 1
+        return asyncio.run(find())
+
+    def stop(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is not None:
+                continue
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
