@@ -214,14 +214,35 @@ class ClickHouseSink:
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
             client_id=f"{self.group_id}-consumer")
         await self.consumer.start()
-        await self.consumer.topics()  # fetches the cluster's metadata: every topic's partitions
-        tps = []
-        for t in SINK_TOPICS:
-            parts = self.consumer.partitions_for_topic(self.settings.topic(t)) or {0}
-            tps += [TopicPartition(self.settings.topic(t), p) for p in sorted(parts)]
+        # every topic's partitions, from the cluster's metadata; a topic created a moment ago may not be in
+        # it yet (Apache Kafka propagates metadata asynchronously): ask again rather than guess
+        deadline = time.monotonic() + 30
+        while True:
+            parts = await self._partitions()
+            if all(parts.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        missing = [t for t, p in parts.items() if not p]
+        if missing:
+            raise RuntimeError(f"runwatch sink: no partitions known for topic(s) {', '.join(missing)}")
+        tps = [TopicPartition(self.settings.topic(t), p) for t in SINK_TOPICS for p in sorted(parts[t])]
         self.consumer.assign(tps)
         await self._recover(tps)
         self.ready = True
+
+    async def _partitions(self) -> dict[str, set[int]]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-admin",
+                                    request_timeout_ms=self.settings.request_timeout_ms)
+        await admin.start()
+        try:
+            described = await admin.describe_topics([self.settings.topic(t) for t in SINK_TOPICS])
+        finally:
+            await admin.close()
+        by_name = {d["topic"]: {p["partition"] for p in d.get("partitions") or []}
+                   for d in described if not d.get("error_code")}
+        return {t: by_name.get(self.settings.topic(t), set()) for t in SINK_TOPICS}
 
     async def _recover(self, tps) -> None:
         """Find intents that start at the committed offsets: those ranges are replayed with their tokens."""

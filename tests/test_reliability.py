@@ -73,7 +73,9 @@ def report():
     (OUTPUT / "reliability.md").write_text("\n".join(lines) + "\n")
 
 
-def record(test: str, what: str, **figures) -> None:
+def record(_label: str, what: str, **figures) -> None:
+    """One row of docs/reliability.md; the rerun command names the test that measured it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", _label).split("::")[-1].split(" ")[0].split("[")[0]
     ROWS.append({"test": test, "what": what, **figures})
 
 
@@ -566,3 +568,112 @@ def test_read_api_requires_its_token(bad_input_stack, tmp_path):
         record("api_token", "read API without / with a wrong / with the token", note="401, 401, 200")
     finally:
         worker.stop()
+
+
+# ------------------------------------------------------------------------------ scale-out
+def _produce_workload(bootstrap: str, topic: str, runs: int, batches: int, points: int) -> None:
+    import numpy as np
+
+    from runwatch.events import MetricBatch, MetricName, Source, encode, make_envelope
+
+    names = [MetricName(name="x", kind="scalar", dtype="float")]
+    idx = np.zeros(points, np.uint32)
+    ts = np.full(points, int(time.time() * 1e6))
+
+    async def go():
+        from aiokafka import AIOKafkaProducer
+
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, compression_type="lz4")
+        await p.start()
+        try:
+            futures = []
+            for b in range(batches):
+                steps = np.arange(b * points, (b + 1) * points)
+                for r in range(runs):
+                    src = Source(host="bench", pid=r, instance=f"run{r}")
+                    batch = MetricBatch.from_arrays(names, idx, steps, ts, steps.astype(float))
+                    futures.append(await p.send(topic, encode(make_envelope(f"scale-{r}", "scale", batch, b, src)),
+                                                key=f"scale-{r}".encode()))
+            await asyncio.gather(*futures)
+        finally:
+            await p.stop()
+    asyncio.run(go())
+
+
+def _aggregate_outputs(bootstrap: str, topic: str, expected: int, timeout: float) -> list:
+    """(run_id, worker source key, worker ts, offset) of every aggregates event, once `expected` arrived."""
+    from runwatch.events import MetricAggregates, decode
+
+    async def go():
+        from aiokafka import AIOKafkaConsumer
+
+        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+        await c.start()
+        out, deadline = [], time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and len(out) < expected:
+                for msgs in (await c.getmany(timeout_ms=500)).values():
+                    for m in msgs:
+                        env = decode(m.value)
+                        if isinstance(env.payload, MetricAggregates):
+                            out.append((env.run_id, env.source.key, env.ts, m.partition, m.offset))
+        finally:
+            await c.stop()
+        return out
+    return asyncio.run(go())
+
+
+def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
+    cluster = KafkaCluster(3, tmp_path / "kafka").start()
+    runs, batches, points = 24, 40, 2_000
+    total = runs * batches
+    try:
+        for n in (1, 2, 4):
+            prefix = _unique(f"s{n}")
+            extra = {"RUNWATCH_PARTITIONS": "4"}
+            main = start_worker(cluster, tmp_path, prefix, **extra)
+            helpers = []
+            for i in range(n - 1):
+                w = KafkaWorker(cluster, tmp_path / f"proc-{n}-{i}", prefix, dict(extra, RUNWATCH_WORKER_ROLE="processors"))
+                w.home.mkdir(parents=True, exist_ok=True)
+                w.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=w.env(), cwd=ROOT,
+                                          stdout=open(w.home / "worker.log", "ab"), stderr=subprocess.STDOUT)
+                helpers.append(w)
+            time.sleep(8 if n > 1 else 1)  # let the group settle before the load
+            try:
+                t0 = time.monotonic()
+                _produce_workload(cluster.bootstrap, f"{prefix}metrics", runs, batches, points)
+                produced = time.monotonic() - t0
+                outs = _aggregate_outputs(cluster.bootstrap, f"{prefix}aggregates", total, 120)
+                assert len(outs) >= total, f"{len(outs)} of {total} batches aggregated"
+                ts = sorted(o[2] for o in outs)
+                rate = total * points / max(ts[-1] - ts[0], 1e-6)
+                workers = {o[1] for o in outs}
+                # no run's events were processed by two workers at once: per run, each worker's span of
+                # outputs (in the run's partition order) never overlaps another worker's span
+                overlaps = 0
+                for r in {o[0] for o in outs}:
+                    mine = sorted((o for o in outs if o[0] == r), key=lambda o: o[4])
+                    spans: dict[str, list[float]] = {}
+                    for o in mine:
+                        spans.setdefault(o[1], []).append(o[2])
+                    ranges = sorted((min(v), max(v)) for v in spans.values())
+                    overlaps += sum(1 for a, b in zip(ranges, ranges[1:]) if b[0] < a[1])
+                counts = {}
+                for r in range(runs):
+                    agg = wait_until(lambda: (a := main.get(f"/api/runs/scale-{r}/aggregates").get("x"))
+                                     and a["count"] == batches * points and a, 60, what="final aggregates")
+                    counts[r] = agg["count"]
+                record(f"scale_{n}", f"scale-out: {n} worker(s), 4 partitions, 3 brokers", sent=total * points,
+                       stored=sum(counts.values()), missing=total * points - sum(counts.values()), duplicates=0,
+                       note=f"{rate:,.0f} points/s through the processors ({total:,} batches of {points:,}; "
+                            f"produced in {produced:.1f} s); {len(workers)} worker(s) did work; "
+                            f"overlapping spans of one run on two workers: {overlaps}")
+                assert overlaps == 0
+                assert len(workers) == n or n > 1 and len(workers) >= 2
+            finally:
+                for w in helpers:
+                    w.stop()
+                main.stop()
+    finally:
+        cluster.stop()
