@@ -20,6 +20,18 @@ from .notify import Webhook
 log = logging.getLogger("runwatch.processors")
 
 
+def _credentials(settings: Settings):
+    """Faust's form of the Kafka security settings (the same ones the producers and the sink use)."""
+    args = settings.kafka_args()
+    proto = args["security_protocol"]
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(username=args["sasl_plain_username"], password=args["sasl_plain_password"],
+                                     mechanism=args["sasl_mechanism"], ssl_context=args.get("ssl_context"))
+    if proto == "SSL":
+        return faust.SSLCredentials(args["ssl_context"])
+    return None
+
+
 class Processors:
     """Builds the Faust app for one settings object; `ready` turns true after the first rebalance."""
 
@@ -33,6 +45,7 @@ class Processors:
         self.app = app = faust.App(
             app_id,
             broker=f"kafka://{bootstrap}",
+            broker_credentials=_credentials(settings),
             store="memory://",
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,

@@ -470,6 +470,7 @@ class Emitter:
             max_request_size=self.settings.max_request_size,
             request_timeout_ms=self.settings.request_timeout_ms,
             client_id=f"runwatch-sdk-{os.getpid()}",
+            **self.settings.kafka_args(),
         )
         try:
             await asyncio.wait_for(producer.start(), self.settings.request_timeout_ms / 1000)
@@ -531,7 +532,8 @@ async def ensure_topics(bootstrap: str, settings: Settings) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=settings.request_timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=settings.request_timeout_ms,
+                                **settings.kafka_args())
     await admin.start()
     try:
         existing = set(await admin.list_topics())

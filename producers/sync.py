@@ -28,6 +28,7 @@ async def _sync(settings: Settings, bootstrap: str, progress) -> dict[str, int]:
         return result
     await ensure_topics(bootstrap, settings)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.use_idempotence(),
+                                **settings.kafka_args(),
                                 compression_type=settings.compression or None, max_batch_size=1 << 20,
                                 max_request_size=settings.max_request_size,
                                 request_timeout_ms=settings.request_timeout_ms)

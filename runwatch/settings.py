@@ -60,6 +60,21 @@ class Settings:
     linger_ms: int = 20
     max_request_size: int = 8 << 20
     request_timeout_ms: int = 10_000
+    # --- security (docs/reliability.md, Security) ----------------------------------------
+    #: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL: for the producers, the processors and the sink.
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN (with a SASL_* protocol).
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    #: PEM files: the CA that signed the brokers' certificates; a client certificate and key for mutual TLS.
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    clickhouse_username: str | None = None
+    clickhouse_password: str | None = None
+    #: PEM CA for an https:// ClickHouse URL.
+    clickhouse_ca_cert: str | None = None
     # --- worker ----------------------------------------------------------------------
     clickhouse_url: str | None = None
     #: "all" (processors, sink and read API), or "processors" (only the Faust app: add these to scale out;
@@ -119,6 +134,31 @@ class Settings:
                 if parsed is not _INVALID:
                     values[f.name] = parsed
         return cls(**values)
+
+    def kafka_args(self) -> dict[str, Any]:
+        """Security arguments for every aiokafka client (producer, consumer, admin)."""
+        proto = self.kafka_security_protocol.upper()
+        if proto not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ValueError(f"setting kafka_security_protocol: {self.kafka_security_protocol!r} is not one of "
+                             "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL")
+        args: dict[str, Any] = {"security_protocol": proto}
+        if proto.startswith("SASL"):
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password):
+                raise ValueError(f"setting kafka_security_protocol {proto} needs kafka_sasl_mechanism, "
+                                 "kafka_sasl_username and kafka_sasl_password")
+            args.update(sasl_mechanism=self.kafka_sasl_mechanism.upper(),
+                        sasl_plain_username=self.kafka_sasl_username, sasl_plain_password=self.kafka_sasl_password)
+        if proto.endswith("SSL"):
+            args["ssl_context"] = self.ssl_context()
+        return args
+
+    def ssl_context(self):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+        if self.kafka_ssl_certfile:
+            ctx.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        return ctx
 
     def portal_url(self, run_id: str) -> str:
         """Where a person looks at a run: Grafana's Run dashboard, else the read API's run page."""

@@ -22,7 +22,9 @@ def clickhouse_client(settings: Settings):
     import clickhouse_connect
 
     url = settings.clickhouse_url or f"chdb://{settings.home / 'chdb'}"
-    return clickhouse_connect.get_client(dsn=url)
+    extra = {k: v for k, v in (("username", settings.clickhouse_username), ("password", settings.clickhouse_password),
+                               ("ca_cert", settings.clickhouse_ca_cert)) if v}
+    return clickhouse_connect.get_client(dsn=url, **extra)
 
 
 def run(settings: Settings) -> None:

@@ -212,7 +212,7 @@ class ClickHouseSink:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
-            client_id=f"{self.group_id}-consumer")
+            client_id=f"{self.group_id}-consumer", **self.settings.kafka_args())
         await self.consumer.start()
         # every topic's partitions, from the cluster's metadata; a topic created a moment ago may not be in
         # it yet (Apache Kafka propagates metadata asynchronously): ask again rather than guess
@@ -234,7 +234,7 @@ class ClickHouseSink:
         from aiokafka.admin import AIOKafkaAdminClient
 
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-admin",
-                                    request_timeout_ms=self.settings.request_timeout_ms)
+                                    request_timeout_ms=self.settings.request_timeout_ms, **self.settings.kafka_args())
         await admin.start()
         try:
             described = await admin.describe_topics([self.settings.topic(t) for t in SINK_TOPICS])

@@ -54,9 +54,18 @@ def kafka_classpath() -> str:
     return str(lib / "*")
 
 
+def _pem_line(path: Path) -> str:
+    """A PEM file as one properties value (newlines escaped)."""
+    return path.read_text().strip().replace("\n", "\\n")
+
+
 class KafkaCluster:
-    def __init__(self, n: int, workdir: Path, heap_mb: int = 384):
+    def __init__(self, n: int, workdir: Path, heap_mb: int = 384, scram: tuple[str, str] | None = None):
+        """`scram`: (user, password) adds a SASL_SSL listener (SCRAM-SHA-512 over TLS; certificates made
+        here with openssl) beside the PLAINTEXT one; `secure_bootstrap` names it."""
         self.n = n
+        self.scram = scram
+        self.secure_ports = [free_port() for _ in range(n)] if scram else []
         self.workdir = Path(workdir)
         self.heap_mb = heap_mb
         self.ports = [free_port() for _ in range(n)]
@@ -70,6 +79,24 @@ class KafkaCluster:
     def bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{p}" for p in self.advertised)
 
+    @property
+    def secure_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.secure_ports)
+
+    def make_certificates(self) -> Path:
+        """A CA and a broker certificate for 127.0.0.1 (PEM); returns the directory (ca.pem inside)."""
+        d = self.workdir / "tls"
+        d.mkdir(parents=True, exist_ok=True)
+        run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=runwatch-test-ca")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr", "-subj",
+            "/CN=127.0.0.1")
+        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "broker.pem", "-days", "2", "-extfile", "ext.cnf")
+        run("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8")
+        return d
     def _props(self, i: int) -> Path:
         voters = ",".join(f"{j + 1}@127.0.0.1:{p}" for j, p in enumerate(self.controller_ports))
         rf = min(3, self.n)
@@ -85,6 +112,17 @@ class KafkaCluster:
             "min.insync.replicas": min(2, rf), "group.initial.rebalance.delay.ms": 0,
             "auto.create.topics.enable": "false", "log.flush.interval.messages": 1,
         }
+        if self.scram:
+            tls = self.workdir / "tls"
+            props["listeners"] += f",SASL_SSL://127.0.0.1:{self.secure_ports[i]}"
+            props["advertised.listeners"] += f",SASL_SSL://127.0.0.1:{self.secure_ports[i]}"
+            props["listener.security.protocol.map"] += ",SASL_SSL:SASL_SSL"
+            props.update({
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512", "ssl.keystore.type": "PEM",
+                "ssl.keystore.certificate.chain": _pem_line(tls / "broker.pem"),
+                "ssl.keystore.key": _pem_line(tls / "broker.pk8"),
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"})
         path = self.workdir / f"node{i + 1}" / "server.properties"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -96,10 +134,13 @@ class KafkaCluster:
 
     def start(self, timeout: float = 90) -> "KafkaCluster":
         self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode()[:22]
+        if self.scram:
+            self.make_certificates()
         for i in range(self.n):
             props = self._props(i)
+            scram = ["--add-scram", f"SCRAM-SHA-512=[name={self.scram[0]},password={self.scram[1]}]"] if self.scram else []
             out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}",
-                                            "-c", str(props)), capture_output=True, text=True, timeout=120)
+                                            "-c", str(props), *scram), capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
                 raise RuntimeError(f"formatting node {i + 1} failed: {out.stdout}{out.stderr}")
         for i in range(self.n):

@@ -677,3 +677,40 @@ def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
                 main.stop()
     finally:
         cluster.stop()
+
+
+def test_sasl_scram_over_tls_end_to_end(tmp_path, caplog):
+    cluster = KafkaCluster(1, tmp_path / "kafka", scram=("runwatch", "s3cret-pw")).start()
+    ca = str(cluster.workdir / "tls" / "ca.pem")
+    secure = {"RUNWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "RUNWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+              "RUNWATCH_KAFKA_SASL_USERNAME": "runwatch", "RUNWATCH_KAFKA_SASL_PASSWORD": "s3cret-pw",
+              "RUNWATCH_KAFKA_SSL_CAFILE": ca}
+    cluster.advertised = cluster.secure_ports  # clients only know the SASL_SSL listener
+    worker = KafkaWorker(cluster, tmp_path / "w", _unique("sec"), secure).start(90)
+    try:
+        env = sdk_env(cluster, worker, tmp_path / "sdk", **secure)
+        trainer = Trainer(env, tmp_path, 5_000, 1.0)
+        trainer.wait()
+        fig = account(worker, trainer.run_id, 5_000)
+        assert fig["missing"] == 0 and fig["duplicates"] == 0
+
+        async def wrong_password():
+            from aiokafka import AIOKafkaProducer
+
+            from runwatch.settings import Settings
+
+            s = Settings.load(home=tmp_path, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+                              kafka_sasl_username="runwatch", kafka_sasl_password="wrong", kafka_ssl_cafile=ca)
+            p = AIOKafkaProducer(bootstrap_servers=cluster.secure_bootstrap, **s.kafka_args())
+            try:
+                await p.start()
+            finally:
+                await p.stop()
+        with pytest.raises(Exception, match="Unable to bootstrap"):
+            asyncio.run(wrong_password())
+        assert "SaslAuthenticationFailed" in caplog.text  # aiokafka says why
+        record("sasl", "SASL/SCRAM-SHA-512 over TLS for producers, processors and sink", **fig,
+               note="a wrong password is refused with an authentication error")
+    finally:
+        worker.stop()
+        cluster.stop()
