@@ -9,6 +9,8 @@ from runwatch.events import (Alert, Envelope, FileStored, Heartbeat, LivenessChe
                              PropertiesSet, RunCreated, RunState, RunStatus, StatusChanged, TagsSet, Transition,
                              make_envelope)
 
+from runwatch.filenames import DRIVER_LOG_PREFIX
+
 from . import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
 
@@ -44,14 +46,15 @@ class MetricsLogic:
     def new_state() -> dict[str, Any]:
         return {"seen": {}, "aggs": {}, "version": 0}
 
-    def _current(self, env: Envelope, state: dict[str, Any]) -> list[Out]:
-        rows = agg.to_rows(state["aggs"], list(state["aggs"]))
+    @staticmethod
+    def _rows_event(env: Envelope, state: dict[str, Any], keys: list[str], event_id: str) -> list[Out]:
+        """The current rows of `keys`, at the run's current version."""
+        rows = agg.to_rows(state["aggs"], keys)
         for r in rows:
             r["version"] = state["version"]
         payload = MetricAggregates(source_event=env.event_id, rows=rows)
-        out = make_envelope(env.run_id, env.experiment, payload, state["version"],
-                            event_id=derived_id("agg-again", env.run_id, str(state["version"])))
-        return [("aggregates", env.run_id, out)]
+        return [("aggregates", env.run_id,
+                 make_envelope(env.run_id, env.experiment, payload, state["version"], event_id=event_id))]
 
     def handle(self, env: Envelope, state: dict[str, Any]) -> list[Out]:
         batch = env.payload
@@ -61,28 +64,24 @@ class MetricsLogic:
             # A replay (after a crash, the input offsets lag the table's changelog): the state has this batch,
             # but the aggregates it produced may not have reached the topic. Send the run's current rows
             # again; they carry the same version, so storing them twice changes nothing.
-            return self._current(env, state) if state["version"] else []
-        names = {agg.split_key(k)[0] for k in state["aggs"]} | {n.name for n in batch.names}
-        if len(names) > self.max_names:
-            raise Rejected(f"run {env.run_id} would have {len(names)} distinct metric names; "
-                           f"at most {self.max_names} (max_metric_names): the batch was not aggregated")
+            if not state["version"]:
+                return []
+            return self._rows_event(env, state, list(state["aggs"]),
+                                    derived_id("agg-again", env.run_id, str(state["version"])))
+        aggs = state["aggs"]
+        if any(agg.metric_key(n.name, n.column) not in aggs for n in batch.names):  # a new name: count them
+            names = {agg.split_key(k)[0] for k in aggs} | {n.name for n in batch.names}
+            if len(names) > self.max_names:
+                raise Rejected(f"run {env.run_id} would have {len(names)} distinct metric names; "
+                               f"at most {self.max_names} (max_metric_names): the batch was not aggregated")
         rows = agg.batch_aggregates(batch)
-        agg.merge(state["aggs"], rows)
+        agg.merge(aggs, rows)
         state["version"] += 1
-        out_rows = agg.to_rows(state["aggs"], list(rows))
-        for r in out_rows:
-            r["version"] = state["version"]
-        payload = MetricAggregates(source_event=env.event_id, rows=out_rows)
-        out = make_envelope(env.run_id, env.experiment, payload, state["version"],
-                            event_id=derived_id("agg", env.event_id))
-        return [("aggregates", env.run_id, out)]
+        return self._rows_event(env, state, list(rows), derived_id("agg", env.event_id))
 
 
 class RunStateLogic:
     """Per run: a snapshot of everything the run-state machine knows (see `new_state`)."""
-
-    def __init__(self) -> None:
-        self._tails: dict[str, list[str]] | None = None
 
     @staticmethod
     def new_state(run_id: str, experiment: str) -> dict[str, Any]:
@@ -104,7 +103,6 @@ class RunStateLogic:
         p = env.payload
         out: list[Out] = []
         changed = True
-        self._tails = tails
         if env.experiment and not st["experiment"]:
             st["experiment"] = env.experiment
         if isinstance(p, LivenessCheck):
@@ -115,7 +113,7 @@ class RunStateLogic:
                 error = {"code": "NotResponding",
                          "message": f"no heartbeat from the run's processes for {p.silent_s:.0f} s"
                                     + ("; declared Failed" if p.to_status == RunStatus.Failed else "")}
-            out += self._move(env, st, p.to_status, error, at=env.ts)
+            out += self._move(env, st, p.to_status, error, at=env.ts, tails=tails)
             if p.to_status == RunStatus.NotResponding:
                 st["not_responding_since"] = env.ts
             return out + [self.snapshot(env, st)] if out else []
@@ -129,9 +127,9 @@ class RunStateLogic:
             for k, v in p.properties.items():
                 st["properties"].setdefault(k, v)
             st["tags"].update(p.tags)
-            out += self._move(env, st, p.status, None, at=p.created_ts)
+            out += self._move(env, st, p.status, None, at=p.created_ts, tails=tails)
         elif isinstance(p, StatusChanged):
-            out += self._move(env, st, p.status, p.error, at=env.ts)
+            out += self._move(env, st, p.status, p.error, at=env.ts, tails=tails)
         elif isinstance(p, TagsSet):
             st["tags"].update(p.tags)
         elif isinstance(p, PropertiesSet):
@@ -157,21 +155,22 @@ class RunStateLogic:
             out.append(self.snapshot(env, st))
         return out
 
-    def _resend(self, st: dict[str, Any]) -> Out:
+    @staticmethod
+    def _state_event(st: dict[str, Any], event_id: str) -> Out:
         public = {k: v for k, v in st.items() if k != "seen"}
         return ("aggregates", st["run_id"],
                 make_envelope(st["run_id"], st["experiment"], RunState(version=st["version"], snapshot=public),
-                              st["version"], event_id=derived_id("state-again", st["run_id"], str(st["version"]))))
+                              st["version"], event_id=event_id))
+
+    def _resend(self, st: dict[str, Any]) -> Out:
+        return self._state_event(st, derived_id("state-again", st["run_id"], str(st["version"])))
 
     def snapshot(self, env: Envelope, st: dict[str, Any]) -> Out:
         st["version"] += 1
-        public = {k: v for k, v in st.items() if k != "seen"}
-        payload = RunState(version=st["version"], snapshot=public)
-        return ("aggregates", st["run_id"],
-                make_envelope(st["run_id"], st["experiment"], payload, st["version"],
-                              event_id=derived_id("state", st["run_id"], str(st["version"]), env.event_id)))
+        return self._state_event(st, derived_id("state", st["run_id"], str(st["version"]), env.event_id))
 
-    def _move(self, env: Envelope, st: dict[str, Any], target: RunStatus, error: Any, at: float) -> list[Out]:
+    def _move(self, env: Envelope, st: dict[str, Any], target: RunStatus, error: Any, at: float,
+              tails: dict[str, list[str]] | None = None) -> list[Out]:
         current = RunStatus(st["status"]) if st["status"] else None
         ok, reason = check_transition(current, target)
         out: list[Out] = []
@@ -195,7 +194,7 @@ class RunStateLogic:
         if target in ALERTING:
             alert = Alert(status=target, reason=(error or {}).get("message") or f"run became {target.value}",
                           details={"error": error, "parent_run_id": st["parent_run_id"],
-                                   "compute_target": st["compute_target"], "log_tail": self._tails or {}})
+                                   "compute_target": st["compute_target"], "log_tail": tails or {}})
             out.append(("alerts", env.run_id, make_envelope(env.run_id, st["experiment"], alert, env.seq,
                                                            event_id=derived_id("alert", env.event_id))))
         return out
@@ -228,13 +227,12 @@ class RunStateLogic:
 #: States in which a run's processes must be sending heartbeats.
 LIVE_STATES = frozenset({RunStatus.Running.value, RunStatus.Finalizing.value})
 #: Log files whose last lines go into alerts.
-TAIL_FILE_PREFIX = "azureml-logs/70_driver_log"
 TAIL_LINES = 10
 
 
 def update_tails(tails: dict[str, list[str]], batch: LogBatch) -> bool:
     """Keep the last TAIL_LINES lines of each driver log; True when something changed."""
-    if not batch.file.startswith(TAIL_FILE_PREFIX) or not batch.lines:
+    if not batch.file.startswith(DRIVER_LOG_PREFIX) or not batch.lines:
         return False
     kept = tails.get(batch.file, []) + [ln[:500] for ln in batch.lines[-TAIL_LINES:]]
     tails[batch.file] = kept[-TAIL_LINES:]

@@ -110,7 +110,7 @@ class Emitter:
                     point = buf.pop()
                 except IndexError:
                     break
-                self._count_drop(self.names[int(point[0])][0], 1)
+                self.count_drop(self.names[int(point[0])][0], 1)
         self.wake()
 
     def add_chunk(self, chunk: tuple) -> None:
@@ -122,10 +122,7 @@ class Emitter:
             self.wake()
 
     def count_drop(self, run_id: str, n: int) -> None:
-        """Count points that could not be kept (reported on the run as dropped_points)."""
-        self._count_drop(run_id, n)
-
-    def _count_drop(self, run_id: str, n: int) -> None:
+        """Count points that could not be kept (reported on the run as dropped_points); warn once."""
         self.stats.points_dropped += n
         self.stats.dropped_by_run[run_id] = self.stats.dropped_by_run.get(run_id, 0) + n
         if not self._warned_drop:
@@ -360,7 +357,7 @@ class Emitter:
         self.stats.events_spooled += len(records) - len(refused)
         for rec in refused:
             self.stats.events_dropped += 1
-            self._count_drop(rec.run_id, rec.points)
+            self.count_drop(rec.run_id, rec.points)
 
     def _start_spooling(self, failed: list[Record] = ()) -> None:
         """From now on every event goes to the spool, in order, until the spool is drained."""

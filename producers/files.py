@@ -93,17 +93,26 @@ def _url(run_id: str, name: str) -> str:
     return f"/api/runs/{run_id}/files/{name}"
 
 
-def download(api: ApiClient, run_id: str, name: str, target: Path) -> int:
-    """Write one file of the run to `target` (atomically); a stored file's checksum is verified."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
+def fetch(api: ApiClient, url: str, target: str | os.PathLike | None, default_name: str) -> tuple[Path, int]:
+    """GET `url` into `target` (a file; a directory, or None for here, get `default_name`), atomically:
+    a cut or damaged download leaves nothing. Returns the path and the bytes written."""
+    path = Path(target) if target is not None else Path.cwd()
+    if path.is_dir():
+        path = path / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
     try:
         with open(tmp, "wb") as fh:
-            n = api.download(_url(run_id, name), fh)
-        os.replace(tmp, target)
+            n = api.download(url, fh)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return n
+    return path, n
+
+
+def download(api: ApiClient, run_id: str, name: str, target: str | os.PathLike | None) -> tuple[Path, int]:
+    """One file of the run (a stored file's checksum is verified); see `fetch` for `target`."""
+    return fetch(api, _url(run_id, name), target, Path(name).name)
 
 
 def collect_outputs(api: ApiClient, run_id: str, outputs: Path, max_bytes: int,

@@ -30,7 +30,10 @@ from typing import Any
 
 from runwatch.client import ApiClient, RunwatchError
 from runwatch.events import PropertiesSet, RunStatus, StatusChanged, TERMINAL_STATES
+from runwatch.filenames import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, driver_log,
+                                execution_log, job_post_log, job_prep_log)
 from runwatch.settings import Settings
+from runwatch.stack import free_port
 
 from .compute import SlotPool
 from .emitter import get_emitter
@@ -43,28 +46,6 @@ S = RunStatus
 
 class ConfigError(RunwatchError, ValueError):
     """A ScriptRunConfig that cannot run; the message names the field."""
-
-
-def driver_log(rank: int) -> str:
-    return f"azureml-logs/70_driver_log_{rank}.txt"
-
-
-def execution_log(node: int) -> str:
-    return f"azureml-logs/55_azureml-execution-{node}.txt"
-
-
-def job_prep_log(node: int) -> str:
-    return f"azureml-logs/65_job_prep-{node}.txt"
-
-
-def job_post_log(node: int) -> str:
-    return f"azureml-logs/75_job_post-{node}.txt"
-
-
-PROCESS_INFO = "azureml-logs/process_info.json"
-PROCESS_STATUS = "azureml-logs/process_status.json"
-LAUNCHER_LOG = "logs/azureml/launcher_azureml.log"
-LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
 
 
 @dataclass
@@ -168,12 +149,6 @@ def _die_with_launcher() -> None:
         _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
@@ -218,10 +193,9 @@ class Launcher:
     # -- status -------------------------------------------------------------------------
     def set_status(self, status: RunStatus, error: dict[str, Any] | None = None) -> None:
         """Send the run's new status after every log line written so far (the history reads in order)."""
-        self.logs.flush()
         self.status = status
         self.log.info("run %s is %s", self.run_id, status.value)
-        self.logs.flush()
+        self.logs.flush()  # every line so far, this one last, goes out before the status
         self.em.send_control(self.run_id, self.experiment, StatusChanged(status=status, error=error))
 
     def request_stop(self, reason: str) -> None:
@@ -313,7 +287,7 @@ class Launcher:
 
         # Starting: every rank, with the variables torchrun would set
         self.set_status(S.Starting)
-        master_port = _free_port()
+        master_port = free_port()
         world = cfg.node_count * cfg.process_count_per_node
         for node in range(cfg.node_count):
             for local in range(cfg.process_count_per_node):

@@ -94,7 +94,6 @@ class Run:
         self._tags: dict[str, str | None] = dict(kwargs.pop("tags", {}) or {})
         #: Collected into the run's files (as outputs/...) when it completes or fails.
         self._outputs: Path | None = Path(outputs).resolve() if outputs else None
-        self._images: dict[str, Any] = {}
         fetch = kwargs.pop("_fetch", True)
         if kwargs:
             raise TypeError(f"Run() got unexpected argument(s): {', '.join(kwargs)}")
@@ -439,11 +438,7 @@ class Run:
         """Write one of the run's files (stored or log) to `output_file_path` (default: its base name here)."""
         from .files import download
 
-        target = Path(output_file_path) if output_file_path is not None else Path.cwd() / Path(name).name
-        if target.is_dir():
-            target = target / Path(name).name
-        download(self._api(), self.id, name, target)
-        return str(target)
+        return str(download(self._api(), self.id, name, output_file_path)[0])
 
     def download_files(self, prefix: str | None = None, output_directory: str | os.PathLike | None = None,
                        output_paths: Any = None, batch_size: int = 100, append_prefix: bool = True) -> list[str]:
@@ -562,17 +557,9 @@ class Run:
 
     def restore_snapshot(self, snapshot_id: str | None = None, path: str | os.PathLike | None = None) -> str:
         """Write the snapshot of a submitted run's source directory as a zip; return its path."""
-        target = Path(path) if path is not None else Path.cwd() / f"{self.id}-snapshot.zip"
-        if target.is_dir():
-            target = target / f"{self.id}-snapshot.zip"
-        tmp = target.with_name(target.name + ".part")
-        try:
-            with open(tmp, "wb") as fh:
-                self._api().download(f"/api/runs/{self.id}/snapshot", fh)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return str(target)
+        from .files import fetch
+
+        return str(fetch(self._api(), f"/api/runs/{self.id}/snapshot", path, f"{self.id}-snapshot.zip")[0])
 
     def __repr__(self) -> str:
         return (f"Run(Experiment: {self.experiment.name},\nId: {self.id},\nType: {self.run_type},\n"

@@ -9,9 +9,8 @@ from typing import Any, TextIO
 
 from runwatch.client import NotFound, RunwatchError
 from runwatch.events import TERMINAL_STATES
+from runwatch.filenames import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY
 
-DRIVER_PREFIX = "azureml-logs/70_driver_log_"
-LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
 _TERMINAL = {s.value for s in TERMINAL_STATES}
 
 
@@ -24,8 +23,8 @@ class RunFailedError(RunwatchError):
 
 
 def driver_files(files: list[dict[str, Any]]) -> list[str]:
-    names = [f["name"] for f in files if f["name"].startswith(DRIVER_PREFIX)]
-    return sorted(names, key=lambda n: int(n[len(DRIVER_PREFIX):].split(".")[0] or 0))
+    names = [f["name"] for f in files if f["name"].startswith(DRIVER_LOG_PREFIX)]
+    return sorted(names, key=lambda n: int(n[len(DRIVER_LOG_PREFIX):].split(".")[0] or 0))
 
 
 class OutputFollower:
@@ -50,7 +49,7 @@ class OutputFollower:
                 lines = page["lines"]
                 if not lines:
                     break
-                prefix = f"[rank {lines[0]['rank']}] " if several and f.startswith(DRIVER_PREFIX) else ""
+                prefix = f"[rank {lines[0]['rank']}] " if several and f.startswith(DRIVER_LOG_PREFIX) else ""
                 self.out.write("".join(f"{prefix}{ln['line']}\n" for ln in lines))
                 self.cursor[f] = page["next_seq"]
                 self.printed[f] = self.printed.get(f, 0) + len(lines)
@@ -62,7 +61,7 @@ class OutputFollower:
         return n
 
     def caught_up(self, expected: dict[str, int]) -> bool:
-        files = self.fixed or [f for f in expected if f.startswith(DRIVER_PREFIX)]
+        files = self.fixed or [f for f in expected if f.startswith(DRIVER_LOG_PREFIX)]
         return all(self.printed.get(f, 0) >= expected.get(f, 0) for f in files)
 
 

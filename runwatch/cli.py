@@ -331,10 +331,7 @@ def download(run_id: str, name: str = typer.Argument(..., help="A file of the ru
     """Download one file of a run (a stored file, an output or a log file)."""
     from producers.files import download as fetch
 
-    target = output if output is not None else Path.cwd() / Path(name).name
-    if target.is_dir():
-        target = target / Path(name).name
-    n = _call(lambda: fetch(_client(home), run_id, name, target))
+    target, n = _call(lambda: fetch(_client(home), run_id, name, output))
     console.print(f"{name} -> {target} ({n} bytes)", highlight=False)
 
 

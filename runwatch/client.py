@@ -47,20 +47,18 @@ class ApiClient:
             self._base = base
         return self._client
 
-    def get(self, path: str, **params: Any) -> Any:
-        clean = {k: v for k, v in params.items() if v is not None}
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request; no answer at all means the stack is not running."""
         try:
-            resp = self._http().get(path, params=clean)
+            return self._http().request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise StackNotRunning(self._base) from exc
-        return _result(resp)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return _result(self._request("GET", path, params=_clean(params)))
 
     def post(self, path: str, body: Any) -> Any:
-        try:
-            resp = self._http().post(path, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise StackNotRunning(self._base) from exc
-        return _result(resp)
+        return _result(self._request("POST", path, json=body))
 
     def upload(self, path: str, source, size: int | None = None, sha256: str | None = None,
                content_type: str | None = None) -> Any:
@@ -73,11 +71,7 @@ class ApiClient:
         if size is not None:
             headers["Content-Length"] = str(size)
         body = iter(lambda: source.read(1 << 20), b"") if hasattr(source, "read") else source
-        try:
-            resp = self._http().put(path, content=body, headers=headers, timeout=None)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise StackNotRunning(self._base) from exc
-        return _result(resp)
+        return _result(self._request("PUT", path, content=body, headers=headers, timeout=None))
 
     def download(self, path: str, fh) -> int:
         """GET a file's bytes into the binary file object `fh`, streamed; return the number of bytes.
@@ -102,11 +96,7 @@ class ApiClient:
         return n
 
     def text(self, path: str, **params: Any) -> str:
-        clean = {k: v for k, v in params.items() if v is not None}
-        try:
-            resp = self._http().get(path, params=clean)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise StackNotRunning(self._base) from exc
+        resp = self._request("GET", path, params=_clean(params))
         if resp.status_code >= 400:
             _result(resp)
         return resp.text
@@ -115,6 +105,10 @@ class ApiClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _result(resp: httpx.Response) -> Any:

@@ -8,6 +8,31 @@ from typing import Any
 
 from .client import RunwatchError
 
+# A submitted run's log files, in Azure ML's layout (docs/submitting.md).
+DRIVER_LOG_PREFIX = "azureml-logs/70_driver_log_"
+PROCESS_INFO = "azureml-logs/process_info.json"
+PROCESS_STATUS = "azureml-logs/process_status.json"
+LAUNCHER_LOG = "logs/azureml/launcher_azureml.log"
+#: The run property where the launcher records how many lines each log file has (readers wait for them).
+LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
+
+
+def driver_log(rank: int) -> str:
+    return f"{DRIVER_LOG_PREFIX}{rank}.txt"
+
+
+def execution_log(node: int) -> str:
+    return f"azureml-logs/55_azureml-execution-{node}.txt"
+
+
+def job_prep_log(node: int) -> str:
+    return f"azureml-logs/65_job_prep-{node}.txt"
+
+
+def job_post_log(node: int) -> str:
+    return f"azureml-logs/75_job_post-{node}.txt"
+
+
 MAX_NAME = 1024
 RESERVED = (".runwatch-meta", ".runwatch-tmp")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")

@@ -17,6 +17,7 @@ from typing import Any
 
 from .client import NotFound, RunwatchError
 from .events import TERMINAL_STATES
+from .filenames import DRIVER_LOG_PREFIX
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_POINTS = 500          # per chart: longer series are reduced to min/max per bucket
@@ -60,6 +61,7 @@ class RunDetails:
         self.state: dict[str, Any] = {"run_id": run.id, "status": run.status or "", "polling": False}
         self.refreshes = 0
         self._widget = None
+        self._image_cache: dict[str, tuple[str | None, str]] = {}  # name -> (sha256, data URI)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -103,11 +105,12 @@ class RunDetails:
             "properties": {k: v for k, v in d.get("properties", {}).items() if not k.startswith("_runwatch.")},
             "tags": d.get("tags", {}), "portal_url": self.run.get_portal_url(), "stack_error": None,
         }
-        state["metrics"] = self._metrics(api, rid)
-        files = [f["name"] for f in api.get(f"/api/runs/{rid}/files") if f["kind"] == "log"]
+        listed = api.get(f"/api/runs/{rid}/files")
+        state["metrics"] = self._metrics(api, rid, {f["name"]: f.get("sha256") for f in listed if f["kind"] == "file"})
+        files = [f["name"] for f in listed if f["kind"] == "log"]
         state["files"] = files
         if self.selected_file not in files:
-            driver = [f for f in files if f.startswith("azureml-logs/70_driver_log")]
+            driver = [f for f in files if f.startswith(DRIVER_LOG_PREFIX)]
             self.selected_file = (driver or files or [None])[0]
         state["selected_file"] = self.selected_file
         state["log_tail"] = ([ln["line"] for ln in api.get(f"/api/runs/{rid}/logs", file=self.selected_file,
@@ -116,7 +119,7 @@ class RunDetails:
         state.update(self._children(api, rid))
         return state
 
-    def _metrics(self, api, rid: str) -> list[dict[str, Any]]:
+    def _metrics(self, api, rid: str, stored: dict[str, str | None]) -> list[dict[str, Any]]:
         aggs = api.get(f"/api/runs/{rid}/aggregates")
         kinds = {k.split(".")[0] if v["kind"] in ("row", "table") else k: v["kind"] for k, v in aggs.items()}
         values = api.get(f"/api/runs/{rid}/metrics")
@@ -128,7 +131,7 @@ class RunDetails:
             if kind == "image":
                 last = v[-1] if isinstance(v, list) else v
                 m["file"] = last
-                m["image"] = self._image(api, rid, last)
+                m["image"] = self._image(api, rid, last, stored.get(last))
             elif isinstance(v, dict):  # rows and tables: the first column (by name) against the second
                 cols = sorted(v)
                 x, y = cols[0], cols[1] if len(cols) > 1 else cols[0]
@@ -144,9 +147,13 @@ class RunDetails:
             out.append(m)
         return out
 
-    def _image(self, api, rid: str, name: str) -> str | None:
+    def _image(self, api, rid: str, name: str, sha256: str | None) -> str | None:
+        """The image as a data URI; fetched again only when its checksum changed (not on every refresh)."""
         import io
 
+        cached = self._image_cache.get(name)
+        if cached is not None and cached[0] == sha256 and sha256:
+            return cached[1]
         buf = io.BytesIO()
         try:
             n = api.download(f"/api/runs/{rid}/files/{name}", buf)
@@ -156,19 +163,20 @@ class RunDetails:
             return None
         mime = "image/png" if name.lower().endswith(".png") else "image/jpeg" if name.lower().endswith(
             (".jpg", ".jpeg")) else "image/svg+xml" if name.lower().endswith(".svg") else "image/png"
-        return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+        uri = f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+        self._image_cache[name] = (sha256, uri)
+        return uri
 
     def _children(self, api, rid: str) -> dict[str, Any]:
         kids = api.get(f"/api/runs/{rid}/children")
         if not kids:
             return {"children": [], "child_metric": None, "child_metric_options": [], "best_child": None}
-        ids = [k["run_id"] for k in kids]
-        options = sorted({name for k in ids for name, a in self._child_aggs(api, k).items()
-                          if a["kind"] in ("scalar", "list")})
+        aggs = {k["run_id"]: api.get(f"/api/runs/{k['run_id']}/aggregates") for k in kids}
+        options = sorted({name for per in aggs.values() for name, a in per.items() if a["kind"] in ("scalar", "list")})
         metric = self.child_metric if self.child_metric in options else (options[0] if options else None)
         rows, best, best_value = [], None, None
         for k in kids:
-            agg = self._child_aggs(api, k["run_id"]).get(metric) if metric else None
+            agg = aggs[k["run_id"]].get(metric) if metric else None
             value = None if agg is None else (agg["min"] if self.goal == "min" else agg["max"])
             rows.append({"run_id": k["run_id"], "name": k.get("display_name") or k["run_id"], "status": k["status"],
                          "duration_s": k.get("duration_s"), "value": _fnum(value),
@@ -178,14 +186,6 @@ class RunDetails:
                 best, best_value = k["run_id"], value
         return {"children": rows, "child_metric": metric, "child_metric_options": options, "best_child": best,
                 "goal": self.goal}
-
-    def _child_aggs(self, api, rid: str) -> dict[str, Any]:
-        cache = getattr(self, "_agg_cache", None)
-        if cache is None or cache[0] != self.refreshes:
-            self._agg_cache = cache = (self.refreshes, {})
-        if rid not in cache[1]:
-            cache[1][rid] = api.get(f"/api/runs/{rid}/aggregates")
-        return cache[1][rid]
 
     # -- polling ----------------------------------------------------------------------------------
     def start(self) -> "RunDetails":

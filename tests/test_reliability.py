@@ -136,14 +136,15 @@ class Trainer:
         assert self.proc.returncode == 0, out.decode()[-3000:]
 
 
-def stored_values(worker: Worker, run_id: str) -> list[float]:
+def stored_values(worker: Worker, run_id: str, name: str = "x") -> list[float]:
+    """A metric's values as the read API gives them back ([] while the run is not there yet)."""
     try:
-        r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics", params={"name": "x"}, timeout=30)
+        r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics", params={"name": name}, timeout=30)
     except httpx.HTTPError:
         return []
     if r.status_code != 200:
         return []
-    v = r.json().get("x", [])
+    v = r.json().get(name, [])
     return v if isinstance(v, list) else [v]
 
 
@@ -162,28 +163,38 @@ def account(worker: Worker, run_id: str, sent: int, timeout: float = 90) -> dict
             "duplicates": len(values) - len(distinct), "recovery_s": round(time.monotonic() - t0, 2)}
 
 
+def delivered(worker: Worker, trainer: "Trainer", sent: int, since: float) -> dict:
+    """After a fault: the trainer finishes, every point is accounted for, recovery timed from `since`."""
+    trainer.wait()
+    fig = account(worker, trainer.run_id, sent)
+    fig["recovery_s"] = round(time.monotonic() - since, 2)
+    return fig
+
+
+def processors_worker(cluster, home: Path, prefix: str, extra: dict) -> KafkaWorker:
+    """A scale-out worker (worker_role=processors: no sink, no API, so nothing to wait for); started."""
+    w = KafkaWorker(cluster, home, prefix, dict(extra, RUNWATCH_WORKER_ROLE="processors"))
+    w.home.mkdir(parents=True, exist_ok=True)
+    w.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=w.env(), cwd=ROOT,
+                              stdout=open(w.home / "worker.log", "ab"), stderr=subprocess.STDOUT)
+    return w
+
+
 def start_worker(cluster, tmp_path, prefix=None, **extra) -> KafkaWorker:
     return KafkaWorker(cluster, tmp_path / f"worker-{time.monotonic_ns()}", prefix or _unique("r"), extra).start(90)
 
 
 # ------------------------------------------------------------------------------ faults
 def test_broker_down_when_training_starts(kafka1, tmp_path):
-    prefix = _unique("r")
-    trainer_env = None
-    # the broker's ports are known before it runs: training starts against a broker that is not there
-    holder = Worker(kafka1, tmp_path / "w0", prefix)
-    trainer_env = sdk_env(kafka1, holder, tmp_path / "sdk")
-    trainer = Trainer(trainer_env, tmp_path, 20_000, 12.0)
+    # the broker's and the worker's addresses are known before they run: training starts with neither there
+    worker = KafkaWorker(kafka1, tmp_path / "w0", _unique("r"))
+    trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 20_000, 12.0)
     wait_until(lambda: trainer.logged() >= 3_000, 30, what="training under way with no broker")
     kafka1.start()
     t0 = time.monotonic()
-    worker = KafkaWorker(kafka1, holder.home, prefix)
-    worker.api_port, worker.proc = holder.api_port, None
     worker.start(90)
     try:
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 20_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 20_000, t0)
         record("broker_down_when_training", "broker down when training starts (spool, then sent)", **fig,
                note="recovery: broker start → all queryable")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -201,9 +212,7 @@ def test_broker_killed_and_restarted(kafka1, tmp_path):
         time.sleep(3)
         kafka1.start_node(0)
         t0 = time.monotonic()
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         record("broker_killed", "broker SIGKILLed mid-stream, restarted after 3 s", **fig,
                note="recovery: restart → all queryable")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -222,9 +231,7 @@ def test_broker_paused_longer_than_the_request_timeout(kafka1, tmp_path):
         logged_during = trainer.logged()
         kafka1.resume(0)
         t0 = time.monotonic()
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         record("broker_paused", "broker SIGSTOPped 7 s (request timeout 3 s)", **fig,
                note=f"training went on: {logged_during:,} points logged by the end of the pause")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -249,9 +256,7 @@ def test_slow_then_cut_network_between_producer_and_broker(tmp_path):
         time.sleep(5)
         proxy.set_cut(False)
         t0 = time.monotonic()
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         record("network", "network slow (50 ms per chunk, 2 s), then cut for 5 s", **fig,
                note="a TCP proxy in front of the broker")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -271,9 +276,7 @@ def test_worker_killed_mid_stream(kafka1, tmp_path):
         time.sleep(1)
         t0 = time.monotonic()
         worker.start(90)
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         time.sleep(2)
         aggs = worker.get(f"/api/runs/{trainer.run_id}/aggregates")["x"]
         # DESIGN.md: Faust is at least once *with possible skips*; the raw points are the guarantee, the
@@ -295,9 +298,7 @@ def test_sink_killed_between_insert_and_offset_commit(kafka1, tmp_path):
     t0 = time.monotonic()
     worker.start(90)
     try:
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         record("sink_killed", "sink killed after its 5th insert, before committing the offsets", **fig,
                note="the replay carries the same insert deduplication token")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -351,13 +352,11 @@ def test_training_process_killed(kafka1, tmp_path):
 
 
 def test_spool_full_training_goes_on_and_drops_are_reported(kafka1, tmp_path):
-    holder = Worker(kafka1, tmp_path / "w0", _unique("r"))
-    env = sdk_env(kafka1, holder, tmp_path / "sdk", RUNWATCH_SPOOL_MAX_BYTES=1 << 20, TRAINER_LINGER=20)
+    worker = KafkaWorker(kafka1, tmp_path / "w0", _unique("r"))
+    env = sdk_env(kafka1, worker, tmp_path / "sdk", RUNWATCH_SPOOL_MAX_BYTES=1 << 20, TRAINER_LINGER=20)
     trainer = Trainer(env, tmp_path, 200_000, 2.0)
     wait_until(lambda: trainer.logged() == 200_000, 60, what="training finished without a broker")
     kafka1.start()
-    worker = KafkaWorker(kafka1, holder.home, holder.prefix)
-    worker.api_port = holder.api_port
     worker.start(90)
     try:
         run_id = trainer.run_id
@@ -387,9 +386,7 @@ def test_leader_killed_in_a_three_broker_cluster(tmp_path):
         leader = cluster.leader_of(f"{worker.prefix}metrics", 0)
         cluster.kill(leader)
         t0 = time.monotonic()
-        trainer.wait()
-        fig = account(worker, trainer.run_id, 30_000)
-        fig["recovery_s"] = round(time.monotonic() - t0, 2)
+        fig = delivered(worker, trainer, 30_000, t0)
         record("leader_killed", "partition leader SIGKILLed (3 brokers, RF 3, min ISR 2)", **fig,
                note=f"node {leader + 1} stayed down; recovery: kill → all queryable")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
@@ -529,7 +526,7 @@ def test_oversized_nan_cardinality_order_and_skew(bad_input_stack):
     with pytest.raises(Exception, match="(?i)too large|MessageSizeTooLarge|max_request_size"):
         produce(cluster.bootstrap, f"{worker.prefix}logs",
                 [(b"big-run", encode(make_envelope("big-run", "bad-input", huge, 0, src)))])
-    values = wait_until(lambda: (v := stored_values_named(worker, "odd-run", "v")) and len(v) == 5 and v, 60,
+    values = wait_until(lambda: (v := stored_values(worker, "odd-run", "v")) and len(v) == 5 and v, 60,
                         what="odd values stored")
     assert [str(x) for x in values] == ["0.5", "inf", "-inf", "2.0", "nan"]  # by step: 0, 1, 2, 2, 3
     bomb_state = wait_until(lambda: (h := worker.health())["processors"]["dead_letters"] and h, 30, what="bomb")
@@ -543,14 +540,6 @@ def test_oversized_nan_cardinality_order_and_skew(bad_input_stack):
     record("bad_oversized", "a 20 MiB message", sent=1, stored=0,
            note="refused by the producer (max_request_size) with MessageSizeTooLarge")
     assert kept == 0 and bomb_state["processors"]["errors"] == 0
-
-
-def stored_values_named(worker, run_id, name):
-    r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics", params={"name": name}, timeout=10)
-    if r.status_code != 200:
-        return []
-    v = r.json().get(name, [])
-    return v if isinstance(v, list) else [v]
 
 
 # ------------------------------------------------------------------------------ security
@@ -637,11 +626,7 @@ def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
             main = start_worker(cluster, tmp_path, prefix, **extra)
             helpers = []
             for i in range(n - 1):
-                w = KafkaWorker(cluster, tmp_path / f"proc-{n}-{i}", prefix, dict(extra, RUNWATCH_WORKER_ROLE="processors"))
-                w.home.mkdir(parents=True, exist_ok=True)
-                w.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=w.env(), cwd=ROOT,
-                                          stdout=open(w.home / "worker.log", "ab"), stderr=subprocess.STDOUT)
-                helpers.append(w)
+                helpers.append(processors_worker(cluster, tmp_path / f"proc-{n}-{i}", prefix, extra))
             time.sleep(8 if n > 1 else 1)  # let the group settle before the load
             try:
                 t0 = time.monotonic()
@@ -724,14 +709,12 @@ def test_a_second_worker_joins_and_leaves_mid_stream(kafka1, tmp_path):
     prefix = _unique("j")
     extra = {"RUNWATCH_PARTITIONS": "4"}
     worker = start_worker(kafka1, tmp_path, prefix, **extra)
-    helper = KafkaWorker(kafka1, tmp_path / "helper", prefix, dict(extra, RUNWATCH_WORKER_ROLE="processors"))
-    helper.home.mkdir(parents=True, exist_ok=True)
+    helper = None
     try:
         env = sdk_env(kafka1, worker, tmp_path / "sdk", RUNWATCH_PARTITIONS=4)
         trainers = [Trainer(env, tmp_path, 20_000, 10.0) for _ in range(3)]  # 3 runs: spread over partitions
         wait_until(lambda: all(t.logged() >= 3_000 for t in trainers), 30, what="training under way")
-        helper.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=helper.env(), cwd=ROOT,
-                                       stdout=open(helper.home / "worker.log", "ab"), stderr=subprocess.STDOUT)
+        helper = processors_worker(kafka1, tmp_path / "helper", prefix, extra)
         wait_until(lambda: all(t.logged() >= 12_000 for t in trainers), 30, what="the second worker joined")
         helper.stop()  # it leaves: its partitions go back to the first worker
         t0 = time.monotonic()
@@ -746,5 +729,6 @@ def test_a_second_worker_joins_and_leaves_mid_stream(kafka1, tmp_path):
                note=f"raw points complete; running aggregates count {sum(counts):,} of 60,000 after both rebalances")
         assert all(f["missing"] == 0 and f["duplicates"] == 0 for f in figs)
     finally:
-        helper.stop()
+        if helper is not None:
+            helper.stop()
         worker.stop()
