@@ -56,7 +56,7 @@ class Processors:
             broker_commit_interval=1.0,
             producer_acks=-1,
             producer_linger_ms=5,
-            producer_compression_type="lz4",
+            producer_compression_type="zstd",  # as the SDK's (runwatch/settings.py)
             consumer_auto_offset_reset="earliest",
             web_enabled=False,
             stream_wait_empty=False,

@@ -79,6 +79,7 @@ class Emitter:
         self._warned_drop = False
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
         self._seq = itertools.count()
+        self._woken_for: list | None = None
         self._retired: list[tuple[list, int, int]] = []  # (list, consumed, cycles left)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,7 +112,9 @@ class Emitter:
                 except IndexError:
                     break
                 self.count_drop(self.names[int(point[0])][0], 1)
-        self.wake()
+        if self._woken_for is not buf:  # once per buffer: every log() after the mark would otherwise write
+            self._woken_for = buf       # to the loop's self-pipe (a system call) until the thread swaps it
+            self.wake()
 
     def add_chunk(self, chunk: tuple) -> None:
         """A whole column of points (log_list, log_table); wakes the thread once a batch's worth is waiting."""

@@ -8,6 +8,10 @@ log = logging.getLogger("runwatch.sink")
 
 DEDUP = "SETTINGS non_replicated_deduplication_window = 10000"
 
+#: The numbers of metric_points' Enum8 columns (migration 1); the sink inserts these numbers.
+KIND_CODES = {"scalar": 1, "list": 2, "row": 3, "table": 4, "image": 5}
+DTYPE_CODES = {"float": 1, "int": 2, "bool": 3, "str": 4}
+
 #: (version, description, statements). Append only: never edit a migration that has shipped.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema", [

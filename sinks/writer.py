@@ -29,6 +29,8 @@ from runwatch.events import (Alert, DeadLetter, Envelope, EventError, FileStored
                              Transition, decode)
 from runwatch.settings import Settings
 
+from .schema import DTYPE_CODES, KIND_CODES
+
 log = logging.getLogger("runwatch.sink")
 
 DB = "runwatch"
@@ -50,7 +52,11 @@ class SinkStats:
 
 
 def _rep(value: Any, n: int, typ: pa.DataType = pa.string()) -> pa.Array:
-    return pa.array([value], typ).take(pa.array(np.zeros(n, np.int32)))
+    """One value n times. Strings become a one-entry dictionary (4 bytes a row, no copy of the string:
+    ClickHouse reads dictionary columns into String, LowCardinality and Enum alike); numbers a filled array."""
+    if typ == pa.string():
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], typ))
+    return pa.array(np.full(n, value, typ.to_pandas_dtype()), typ)
 
 
 def _ts(values_us: np.ndarray) -> pa.Array:
@@ -61,10 +67,68 @@ def _us(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1e6)
 
 
+class _Columns:
+    """One Arrow table from many events' arrays, built once: numeric columns are concatenated, string
+    columns become dictionary arrays whose dictionaries hold the events' few distinct values (run ids, metric
+    names); a point costs a few bytes of int32 codes, never a Python string. (Building a table per event and
+    concatenating them cost the sink more than ClickHouse's insert did: docs/performance.md.)"""
+
+    def __init__(self, types: dict[str, pa.DataType], order_by: tuple[str, ...] = ()):
+        self.types = types
+        self.order_by = order_by
+        self.arrays: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.dicts: dict[str, dict[str, int]] = defaultdict(dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.arrays)
+
+    def _code(self, col: str, value: str) -> int:
+        d = self.dicts[col]
+        return d.setdefault(value, len(d))
+
+    def const(self, col: str, value: str, n: int) -> None:
+        self.arrays[col].append(np.full(n, self._code(col, value), np.int32))
+
+    def mapped(self, col: str, values: list[str], idx: np.ndarray) -> None:
+        """values[idx[i]] for every i; `values` is a small table (a batch's names)."""
+        codes = np.fromiter((self._code(col, v) for v in values), np.int32, len(values))
+        self.arrays[col].append(codes[idx])
+
+    def numbers(self, col: str, arr: np.ndarray) -> None:
+        self.arrays[col].append(arr)
+
+    def table(self) -> pa.Table:
+        data = {col: np.concatenate(parts) if len(parts) > 1 else parts[0] for col, parts in self.arrays.items()}
+        dicts = {col: list(d) for col, d in self.dicts.items()}
+        if self.order_by:
+            # Rows in the table's sort order let ClickHouse skip sorting the part (it checks, and sorts
+            # what is not in order, so this is never a question of correctness): 90 ns a point less
+            # (docs/performance.md). The dictionary columns of the key are ordered by rank of their
+            # strings, then one stable sort keeps each series' steps in the order they came.
+            key = np.zeros(len(next(iter(data.values()))), np.int64)
+            for col in self.order_by:
+                values = dicts[col]
+                order = sorted(range(len(values)), key=values.__getitem__)
+                rank = np.empty(len(values), np.int64)
+                rank[order] = np.arange(len(values))
+                key = key * len(values) + rank[data[col]]
+            perm = np.argsort(key, kind="stable")
+            data = {col: arr[perm] for col, arr in data.items()}
+        cols = {}
+        for col, arr in data.items():
+            if col in dicts:
+                cols[col] = pa.DictionaryArray.from_arrays(pa.array(arr), pa.array(dicts[col], pa.string()))
+            else:
+                cols[col] = pa.array(arr, self.types[col])
+        return pa.table(cols)
+
+
 class RowBuilder:
     """Turns decoded events into Arrow tables per ClickHouse table (no per-point Python)."""
 
     def __init__(self) -> None:
+        self.points = _Columns({"step": pa.int64(), "ts": TS, "value": pa.float64(), "seq": pa.uint64(),
+                                "kind": pa.int8(), "dtype": pa.int8()}, order_by=("run_id", "name", "column"))
         self.parts: dict[str, list[pa.Table]] = defaultdict(list)
         self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
@@ -118,30 +182,30 @@ class RowBuilder:
             "reason": reason, "raw": raw[:4096].decode("utf-8", "backslashreplace")})
 
     def _metrics(self, env: Envelope, p: MetricBatch) -> None:
-        names = pa.array([n.name for n in p.names])
-        kinds = pa.array([n.kind.value for n in p.names])
-        cols = pa.array([n.column for n in p.names])
-        dtypes = pa.array([n.dtype.value for n in p.names])
-        src = env.source.key
+        c = self.points
         if p.n_numeric:
             idx, step, ts, val = p.arrays()
-            self._metric_table(env, src, names, kinds, cols, dtypes, idx, step, ts, pa.array(val),
-                               _rep("", len(idx)))
+            self._metric_rows(env, p, idx, step, ts, val)
+            c.const("text", "", len(idx))
         if p.n_text:
             s_idx, s_step, s_ts, texts = p.text_arrays()
-            n = len(texts)
-            self._metric_table(env, src, names, kinds, cols, dtypes, s_idx, s_step, s_ts,
-                               pa.array(np.full(n, np.nan)), pa.array(texts, pa.string()))
+            self._metric_rows(env, p, s_idx, s_step, s_ts, np.full(len(texts), np.nan))
+            c.mapped("text", texts, np.arange(len(texts)))
 
-    def _metric_table(self, env, src, names, kinds, cols, dtypes, idx, step, ts, val, text) -> None:
-        n = len(idx)
-        take = pa.array(idx.astype(np.int32))
-        self.parts["metric_points"].append(pa.table({
-            "run_id": _rep(env.run_id, n), "experiment": _rep(env.experiment, n), "name": names.take(take),
-            "kind": kinds.take(take), "column": cols.take(take), "dtype": dtypes.take(take),
-            "step": pa.array(step), "ts": _ts(ts), "value": val, "text": text, "src": _rep(src, n),
-            "seq": _rep(env.seq, n, pa.uint64()),
-        }))
+    def _metric_rows(self, env, p: MetricBatch, idx, step, ts, val) -> None:
+        c, n = self.points, len(idx)
+        c.const("run_id", env.run_id, n)
+        c.const("experiment", env.experiment, n)
+        c.const("src", env.source.key, n)
+        c.mapped("name", [x.name for x in p.names], idx)
+        c.mapped("column", [x.column for x in p.names], idx)
+        # the Enum8 columns take their numbers: parsing them from strings cost ClickHouse 20 ns a point each
+        c.numbers("kind", np.array([KIND_CODES[x.kind.value] for x in p.names], np.int8)[idx])
+        c.numbers("dtype", np.array([DTYPE_CODES[x.dtype.value] for x in p.names], np.int8)[idx])
+        c.numbers("step", step)
+        c.numbers("ts", ts)
+        c.numbers("value", val)
+        c.numbers("seq", np.full(n, env.seq, np.uint64))
 
     def _logs(self, env: Envelope, p: LogBatch) -> None:
         n = len(p.lines)
@@ -157,8 +221,11 @@ class RowBuilder:
 
     def tables(self) -> dict[str, pa.Table]:
         out: dict[str, pa.Table] = {}
+        if self.points:
+            out["metric_points"] = self.points.table()
         for name, parts in self.parts.items():
-            out[name] = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+            # one dictionary per column across the events' parts (Arrow's IPC file format requires it)
+            out[name] = (pa.concat_tables(parts) if len(parts) > 1 else parts[0]).unify_dictionaries()
         for name, rows in self.rows.items():
             if rows:
                 out[name] = _rows_to_table(name, rows)
@@ -180,6 +247,44 @@ def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
         else:
             arrays[k] = pa.array(v)
     return pa.table(arrays)
+
+
+def insert_arrow(client, table: str, data: pa.Table, settings: dict[str, Any]) -> None:
+    """Insert an Arrow table. On chDB, stream it to the engine as ArrowStream through the client's own
+    connection and lock: clickhouse-connect's chDB backend writes every insert to a temporary file first,
+    which cost the sink a fifth of its time (docs/performance.md). Elsewhere, the client's insert_arrow."""
+    handle = getattr(getattr(client, "_backend", None), "_handle", None)
+    conn = getattr(handle, "conn", None)
+    if conn is None or not hasattr(conn, "send_insert"):
+        client.insert_arrow(table, data, settings=settings)
+        return
+    body = _arrow_stream(data)
+    clause = ", ".join(f"{k} = {_sql_value(v)}" for k, v in settings.items())
+    cols = ", ".join(f"`{c}`" for c in data.column_names)
+    with handle.lock:
+        with conn.send_insert(f"INSERT INTO {table} ({cols}) SETTINGS {clause}", "ArrowStream") as ins:
+            ins.append(body)
+            ins.finish()
+
+
+def _arrow_stream(data: pa.Table) -> bytearray:
+    """The table as Arrow IPC stream bytes, written into a buffer of the exact size: a growing
+    BufferOutputStream page-faulted its way to 50-70 ms for 30 MB (measured), this takes about 5."""
+    def write(out) -> None:
+        with pa.ipc.new_stream(out, data.schema) as w:
+            w.write_table(data)
+
+    probe = pa.MockOutputStream()
+    write(probe)
+    body = bytearray(probe.size())
+    write(pa.FixedSizeBufferWriter(pa.py_buffer(body)))
+    return body
+
+
+def _sql_value(v: Any) -> str:
+    if isinstance(v, (int, float)):
+        return str(v)
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class ClickHouseSink:
@@ -365,7 +470,7 @@ class ClickHouseSink:
                 self.stats.events += 1
             token = f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}"
             for table, data in builder.tables().items():
-                self.client.insert_arrow(f"{DB}.{table}", data, settings={
+                insert_arrow(self.client, f"{DB}.{table}", data, {
                     "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
                 self.stats.rows[table] += data.num_rows
                 if table == "dead_letters":

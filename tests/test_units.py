@@ -143,3 +143,47 @@ def test_sdk_import_stays_light():
             "print(sorted(m for m in ('faust', 'chdb', 'clickhouse_connect', 'aiohttp', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_sink_rows_land_exactly_in_chdb(tmp_path):
+    """The sink's columnar build (dictionary columns, Enum numbers, rows pre-sorted for the part) stores
+    every point as sent, on a real chDB: several runs, every kind and dtype, text values, steps out of order."""
+    import clickhouse_connect
+
+    from sinks.schema import DTYPE_CODES, KIND_CODES, migrate
+    from sinks.writer import RowBuilder, insert_arrow
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    types = dict(client.query("SELECT name, type FROM system.columns WHERE database = 'runwatch' "
+                              "AND table = 'metric_points'").result_rows)
+    for column, codes in (("kind", KIND_CODES), ("dtype", DTYPE_CODES)):
+        assert types[column] == "Enum8(" + ", ".join(f"'{k}' = {v}" for k, v in codes.items()) + ")"
+    rng = np.random.default_rng(7)
+    expected = set()
+    builder = RowBuilder()
+    for r, run_id in enumerate(["run-b", "run-a", "run-c"]):
+        names = [MetricName(name=n, kind=k, column=c, dtype=d) for n, k, c, d in (
+            ("loss", "scalar", "", "float"), ("acc", "list", "", "int"), ("curve", "row", "x", "float"),
+            ("curve", "row", "y", "bool"), ("img", "image", "", "str"))]
+        for seq in range(2):
+            n = 40
+            idx = rng.integers(0, 4, n)
+            step = rng.permutation(n) + 100 * seq  # out of order within a batch
+            ts = 1_700_000_000_000_000 + rng.integers(0, 10_000, n)
+            val = rng.random(n)
+            batch = MetricBatch.from_arrays(names, idx, step, ts, val, [4], [seq], [ts[0]], [f"img-{r}-{seq}.png"])
+            builder.add(make_envelope(run_id, f"exp-{r}", batch, seq))
+            for i in range(n):
+                nm = names[int(idx[i])]
+                expected.add((run_id, f"exp-{r}", nm.name, nm.kind.value, nm.column, nm.dtype.value, int(step[i]),
+                              round(float(val[i]), 12), "", seq))
+            expected.add((run_id, f"exp-{r}", "img", "image", "", "str", seq, None, f"img-{r}-{seq}.png", seq))
+    insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"],
+                 {"insert_deduplication_token": "unit", "async_insert": 0, "insert_deduplicate": 1})
+    rows = client.query("SELECT run_id, experiment, name, kind, column, dtype, step, value, text, seq "
+                        "FROM runwatch.metric_points").result_rows
+    got = {(r[0], r[1], r[2], r[3], r[4], r[5], r[6], None if math.isnan(r[7]) else round(r[7], 12), r[8], r[9])
+           for r in rows}
+    assert len(rows) == len(expected) == 3 * 2 * 41
+    assert got == expected
