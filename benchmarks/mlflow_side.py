@@ -100,31 +100,6 @@ def run_child(py: Path, code: str, *args: str, timeout: float = 1800) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-TRAINING = r'''
-import json, os, sys, time
-import numpy as np
-steps, with_rw, size = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
-run = None
-if with_rw:
-    from runwatch import Workspace, Experiment
-    run = Experiment(Workspace.from_config(), "impact").start_logging()
-rng = np.random.default_rng(0)
-w = rng.normal(size=(size, size)) / size ** 0.5
-x = rng.normal(size=(size, size))
-names = [f"m{i}" for i in range(10)]
-t0 = time.perf_counter()
-for s in range(steps):
-    x = np.tanh(x @ w)           # a CPU-bound step: 64x64 is about 16 µs, 384x384 about 2 ms
-    if run is not None:
-        v = float(x[0, 0])
-        for n in names:
-            run.log(n, v)
-dt = time.perf_counter() - t0
-if run is not None:
-    run.complete()
-print(json.dumps({"steps_per_s": steps / dt}))
-'''
-
 BANDWIDTH = r'''
 import json, time, numpy as np
 a = np.ones(64 << 20)             # 512 MiB

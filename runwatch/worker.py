@@ -70,6 +70,8 @@ def run(settings: Settings) -> None:
             "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
                      "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped, "rejected": sink.stats.rejected,
                      "dead_letters": sink.stats.dead_letters, "lag": dict(sink.stats.lag),
+                     "aggregates_checked": sink.stats.aggregates_checked,
+                     "aggregates_repaired": sink.stats.aggregates_repaired,
                      "retries": sink.stats.insert_retries},
             "broker": bootstrap,
         }
@@ -83,6 +85,7 @@ def run(settings: Settings) -> None:
         port = await api.start(settings.api_host, settings.api_port)
         write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
         asyncio.ensure_future(sink.run_forever())
+        _quiet_gc()
 
     worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
                           redirect_stdouts=False)
@@ -105,6 +108,21 @@ def _run_processors_only(settings: Settings, bootstrap: str) -> None:
     worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
                           redirect_stdouts=False)
     worker.execute_from_commandline()
+
+
+def _quiet_gc() -> None:
+    """Shorter garbage-collector pauses for the worker, whose pauses delay everything it serves.
+
+    Once started, the worker holds ~100 k objects that live as long as it does (modules, functions,
+    Faust's app); a full collection walked them all, and took 40-200 ms on these 2 busy cores
+    (docs/performance.md: the freshness and query tails). Freezing them leaves the full collections
+    the objects made since; a larger first threshold makes every collection rarer.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 async def _retry(fn, attempts: int = 20, delay: float = 0.25):

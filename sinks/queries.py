@@ -128,7 +128,9 @@ class Queries:
                       ORDER BY r.created_time DESC LIMIT {{limit:UInt32}}"""
         runs = [run_row(r) for r in self._rows(sql, **params)]
         if wanted and runs:
-            aggs = self.aggregates([r["run_id"] for r in runs], wanted)
+            # within one experiment, select its aggregates by experiment: binding 1,000 run ids into the
+            # query cost more than reading the few extra rows (8.7 vs 3.5 ms, docs/performance.md)
+            aggs = self.aggregates([r["run_id"] for r in runs], wanted, experiment=experiment)
             for r in runs:
                 r["metrics"] = aggs.get(r["run_id"], {})
         return runs
@@ -219,16 +221,25 @@ class Queries:
         return sorted(targets.values(), key=lambda t: t["name"])
 
     # -- metrics ------------------------------------------------------------------------------
-    def aggregates(self, run_ids: list[str], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        where = "run_id IN {ids:Array(String)}"
-        params: dict[str, Any] = {"ids": run_ids}
+    def aggregates(self, run_ids: list[str], names: list[str] | None = None,
+                   experiment: str | None = None) -> dict[str, dict[str, Any]]:
+        """{run_id: {metric: aggregate}} for `run_ids`; all of them of `experiment` when it is given."""
+        if experiment is not None:
+            where = "experiment = {experiment:String}"
+            params: dict[str, Any] = {"experiment": experiment}
+        else:
+            where = "run_id IN {ids:Array(String)}"
+            params = {"ids": run_ids}
         if names:
             where += " AND name IN {names:Array(String)}"
             params["names"] = names
         rows = self._rows(f"""SELECT run_id, name, column, kind, count, min, max, first, last, last_text, last_step
                               FROM {DB}.metric_aggregates FINAL WHERE {where}""", **params)
         out: dict[str, dict[str, Any]] = {}
+        wanted = set(run_ids)
         for run_id, name, column, kind, count, mn, mx, first, last, last_text, last_step in rows:
+            if run_id not in wanted:
+                continue
             key = f"{name}.{column}" if column else name
             out.setdefault(run_id, {})[key] = {
                 # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
