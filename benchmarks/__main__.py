@@ -699,7 +699,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes)")
     ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files", "dashboards", "mlflow", "training"],
                     help="run one group (mlflow includes training)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the 4-process ingest with py-spy instead (flame graphs in benchmarks/results/profiles/)")
     args = ap.parse_args()
+    if args.profile:
+        from benchmarks.profile import main as profile
+
+        return profile(100 if args.quick else 1000)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
     from tests.conftest import Broker

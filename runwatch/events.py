@@ -330,7 +330,7 @@ def decode(data: bytes) -> Envelope:
     if not isinstance(raw, dict):
         raise EventError("message is not a map")
     version = raw.get("v")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:  # a list is unhashable; True == 1
         raise EventError(f"unsupported schema_version {version!r} (this build reads {sorted(SUPPORTED_SCHEMA_VERSIONS)})")
     try:
         src = raw["s"]

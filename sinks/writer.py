@@ -515,7 +515,8 @@ class ClickHouseSink:
         behind = {r[0] for r in rows if r[4] is not None and r[3] < r[4]}
         self.stats.aggregates_checked += len(due)
         if short:
-            # min and max ignore NaN (NaN only when every value is); first and last by time, as the processors
+            # min and max ignore NaN (NaN only when every value is); first and last by time, as the processors,
+            # and among points of one microsecond by arrival (event seq, then step: a fast loop logs several)
             self.client.command(f"""
                 INSERT INTO {DB}.metric_aggregates
                 SELECT p.run_id, p.experiment, p.name, p.column, p.kind, p.count, p.min, p.max, p.first, p.last,
@@ -526,9 +527,9 @@ class ClickHouseSink:
                                 minIf(value, dtype != 'str' AND NOT isNaN(value))) AS min,
                              if(countIf(dtype != 'str' AND NOT isNaN(value)) = 0, nan,
                                 maxIf(value, dtype != 'str' AND NOT isNaN(value))) AS max,
-                             argMin(value, ts) AS first, argMax(value, ts) AS last,
-                             argMaxIf(text, ts, dtype = 'str') AS last_text, argMax(step, ts) AS last_step,
-                             max(ts) AS last_ts
+                             argMin(value, (ts, seq, step)) AS first, argMax(value, (ts, seq, step)) AS last,
+                             argMaxIf(text, (ts, seq, step), dtype = 'str') AS last_text,
+                             argMax(step, (ts, seq, step)) AS last_step, max(ts) AS last_ts
                       FROM {DB}.metric_points WHERE run_id IN {{runs:Array(String)}}
                       GROUP BY run_id, name, column) AS p
                 LEFT JOIN (SELECT run_id, name, column, count, version FROM {DB}.metric_aggregates FINAL
@@ -550,10 +551,11 @@ class ClickHouseSink:
         for m in msgs:
             try:
                 out.append((decode(m.value), m))
-            except EventError as exc:
+            except Exception as exc:  # never stop the sink on one event: it would retry it forever
                 if kind in ("metrics",):
                     continue  # the processors read this topic too and send it to the dlq with the reason
-                out.append((None, (m, str(exc))))
+                reason = str(exc) if isinstance(exc, EventError) else f"undecodable: {type(exc).__name__}: {exc}"
+                out.append((None, (m, reason)))
         return out
 
     def _is_repeat(self, kind: str, env: Envelope, seen: dict) -> bool:

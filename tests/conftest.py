@@ -221,3 +221,25 @@ def log_rows_table_tags(run) -> None:
 
 def unique_name(prefix: str = "exp") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Against an external Kafka cluster (RUNWATCH_TEST_BOOTSTRAP or RUNWATCH_TEST_DOCKER), the tests that kill, pause or proxy the
+    brokers they start cannot run: they are deselected, and the run says how many and why."""
+    from kafka_cluster import uses_external_cluster
+
+    if not uses_external_cluster():
+        return
+    own = [i for i in items if i.get_closest_marker("own_brokers")]
+    if own:
+        items[:] = [i for i in items if not i.get_closest_marker("own_brokers")]
+        config.hook.pytest_deselected(items=own)
+        where = os.environ.get("RUNWATCH_TEST_BOOTSTRAP") or "a Kafka container (RUNWATCH_TEST_DOCKER)"
+        config._runwatch_external_note = (f"external Kafka cluster ({where}): {len(own)} test(s) that kill, pause or "
+                                          "proxy their own brokers were deselected: " + ", ".join(i.name for i in own))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    note = getattr(config, "_runwatch_external_note", None)
+    if note:
+        terminalreporter.write_line(note, yellow=True)

@@ -4,6 +4,12 @@
 Maven into ~/.cache/runwatch/kafka-<version>/ once; later runs reuse it. `KafkaCluster(n)` formats
 and starts n combined broker+controller nodes (n=3: replication factor 3, min.insync.replicas 2),
 waits until every broker is registered, and can SIGKILL, restart, SIGSTOP and SIGCONT each node.
+
+With RUNWATCH_TEST_BOOTSTRAP=host:port[,...] the suite uses that cluster instead (`cluster()` returns an
+`ExternalCluster`): the tests that need no control of the brokers' processes run against it; the ones
+marked `own_brokers` (kill, pause, a proxy in front, a SCRAM listener) are deselected, and said so.
+With RUNWATCH_TEST_DOCKER=1 that cluster is one Kafka container started with testcontainers for the
+session (a Docker engine must be reachable; these build machines have none, so that path is not run here).
 """
 
 from __future__ import annotations
@@ -227,3 +233,71 @@ class KafkaCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+
+
+EXTERNAL = os.environ.get("RUNWATCH_TEST_BOOTSTRAP", "")
+DOCKER_IMAGE = os.environ.get("RUNWATCH_TEST_DOCKER_IMAGE", "confluentinc/cp-kafka:7.6.0")
+_container = None
+
+
+def docker_bootstrap() -> str:
+    """One KRaft Kafka container for the whole session (testcontainers removes it when the session ends)."""
+    global _container
+    if _container is None:
+        try:
+            from testcontainers.community.kafka import KafkaContainer
+
+            _container = KafkaContainer(DOCKER_IMAGE).with_kraft()
+            _container.start()
+        except Exception as exc:
+            raise RuntimeError(f"RUNWATCH_TEST_DOCKER=1: no Kafka container could be started ({exc}); a Docker engine "
+                               "must be reachable (DOCKER_HOST), or unset RUNWATCH_TEST_DOCKER to start brokers "
+                               "from the Maven jars") from exc
+    return _container.get_bootstrap_server()
+
+
+def uses_external_cluster() -> bool:
+    return bool(EXTERNAL or os.environ.get("RUNWATCH_TEST_DOCKER"))
+
+
+class ExternalCluster:
+    """A Kafka cluster the suite did not start (RUNWATCH_TEST_BOOTSTRAP): started and stopped by its owner.
+    Every test uses its own topic prefix, so tests leave each other's topics alone on a shared cluster."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.n = 0
+
+    def start(self, timeout: float = 30) -> "ExternalCluster":
+        async def brokers() -> int:
+            from aiokafka.admin import AIOKafkaAdminClient
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+            try:
+                await admin.start()
+                return len((await admin.describe_cluster())["brokers"])
+            finally:
+                await admin.close()
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.n = asyncio.run(brokers())
+                return self
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"RUNWATCH_TEST_BOOTSTRAP={self.bootstrap}: no Kafka cluster answers ({exc})")
+                time.sleep(1)
+
+    def stop(self) -> None:
+        pass
+
+
+def cluster(n: int, workdir: Path, **kwargs) -> "KafkaCluster | ExternalCluster":
+    """n local brokers (not started), or the external cluster when RUNWATCH_TEST_BOOTSTRAP names one
+    (or RUNWATCH_TEST_DOCKER asks for a container)."""
+    if EXTERNAL:
+        return ExternalCluster(EXTERNAL).start()  # started already: its size is known at once
+    if os.environ.get("RUNWATCH_TEST_DOCKER"):
+        return ExternalCluster(docker_bootstrap()).start()
+    return KafkaCluster(n, workdir, **kwargs)

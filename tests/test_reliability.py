@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from conftest import ROOT, Worker, _unique, unique_name, wait_until
-from kafka_cluster import KafkaCluster
+from kafka_cluster import KafkaCluster, cluster as make_cluster
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.kafka
@@ -93,9 +93,9 @@ class KafkaWorker(Worker):
 
 @pytest.fixture
 def kafka1(tmp_path):
-    cluster = KafkaCluster(1, tmp_path / "kafka")
-    yield cluster
-    cluster.stop()
+    c = make_cluster(1, tmp_path / "kafka")
+    yield c
+    c.stop()
 
 
 def sdk_env(cluster: KafkaCluster, worker: Worker, home: Path, **extra) -> dict[str, str]:
@@ -185,6 +185,7 @@ def start_worker(cluster, tmp_path, prefix=None, **extra) -> KafkaWorker:
 
 
 # ------------------------------------------------------------------------------ faults
+@pytest.mark.own_brokers
 def test_broker_down_when_training_starts(kafka1, tmp_path):
     # the broker's and the worker's addresses are known before they run: training starts with neither there
     worker = KafkaWorker(kafka1, tmp_path / "w0", _unique("r"))
@@ -202,6 +203,7 @@ def test_broker_down_when_training_starts(kafka1, tmp_path):
         worker.stop()
 
 
+@pytest.mark.own_brokers
 def test_broker_killed_and_restarted(kafka1, tmp_path):
     kafka1.start()
     worker = start_worker(kafka1, tmp_path)
@@ -220,6 +222,7 @@ def test_broker_killed_and_restarted(kafka1, tmp_path):
         worker.stop()
 
 
+@pytest.mark.own_brokers
 def test_broker_paused_longer_than_the_request_timeout(kafka1, tmp_path):
     kafka1.start()
     worker = start_worker(kafka1, tmp_path)
@@ -240,6 +243,7 @@ def test_broker_paused_longer_than_the_request_timeout(kafka1, tmp_path):
         worker.stop()
 
 
+@pytest.mark.own_brokers
 def test_slow_then_cut_network_between_producer_and_broker(tmp_path):
     cluster = KafkaCluster(1, tmp_path / "kafka")
     proxy = TcpProxy(cluster.ports[0])
@@ -353,6 +357,7 @@ def test_training_process_killed(kafka1, tmp_path):
         worker.stop()
 
 
+@pytest.mark.own_brokers
 def test_spool_full_training_goes_on_and_drops_are_reported(kafka1, tmp_path):
     worker = KafkaWorker(kafka1, tmp_path / "w0", _unique("r"))
     env = sdk_env(kafka1, worker, tmp_path / "sdk", RUNWATCH_SPOOL_MAX_BYTES=1 << 20, TRAINER_LINGER=20)
@@ -379,6 +384,7 @@ def test_spool_full_training_goes_on_and_drops_are_reported(kafka1, tmp_path):
         worker.stop()
 
 
+@pytest.mark.own_brokers
 def test_leader_killed_in_a_three_broker_cluster(tmp_path):
     cluster = KafkaCluster(3, tmp_path / "kafka").start()
     worker = start_worker(cluster, tmp_path)
@@ -400,7 +406,7 @@ def test_leader_killed_in_a_three_broker_cluster(tmp_path):
 # ------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def bad_input_stack(tmp_path_factory):
-    cluster = KafkaCluster(1, tmp_path_factory.mktemp("kafka-bad")).start()
+    cluster = make_cluster(1, tmp_path_factory.mktemp("kafka-bad")).start()
     worker = KafkaWorker(cluster, tmp_path_factory.mktemp("worker-bad"), _unique("b"),
                          {"RUNWATCH_MAX_METRIC_NAMES": "100"}).start(90)
     yield cluster, worker
@@ -618,7 +624,7 @@ def _aggregate_outputs(bootstrap: str, topic: str, expected: int, timeout: float
 
 
 def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
-    cluster = KafkaCluster(3, tmp_path / "kafka").start()
+    cluster = make_cluster(3, tmp_path / "kafka").start()
     runs, batches, points = 24, 40, 2_000
     total = runs * batches
     try:
@@ -669,6 +675,7 @@ def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
         cluster.stop()
 
 
+@pytest.mark.own_brokers
 def test_sasl_scram_over_tls_end_to_end(tmp_path, caplog):
     cluster = KafkaCluster(1, tmp_path / "kafka", scram=("runwatch", "s3cret-pw")).start()
     ca = str(cluster.workdir / "tls" / "ca.pem")

@@ -61,6 +61,8 @@ def test_wire_round_trip_is_compact():
 
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d.update(v=99), "unsupported schema_version 99"),
+    (lambda d: d.update(v=[1]), r"unsupported schema_version \[1\]"),  # found by the hypothesis suite
+    (lambda d: d.update(v=True), "unsupported schema_version True"),
     (lambda d: d.pop("r"), "envelope field missing"),
     (lambda d: d.update(k="logs"), "differs from payload kind"),
     (lambda d: d["p"].update(step=b"\x00" * 3), "differ in length"),
@@ -207,7 +209,8 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
     values = {"short": [3.0, float("nan"), 1.0, 7.0, 2.0], "whole": [5.0, 4.0], "behind": [1.0]}
     for run_id, vals in values.items():
         n = len(vals)
-        batch = MetricBatch.from_arrays(names, np.zeros(n, np.uint32), np.arange(n), 1_700_000_000_000_000 + np.arange(n),
+        ts = 1_700_000_000_000_000 + np.minimum(np.arange(n), 2)  # the last three points share one microsecond
+        batch = MetricBatch.from_arrays(names, np.zeros(n, np.uint32), np.arange(n), ts,
                                         np.array(vals), [1], [0], [1_700_000_000_000_000], ["hello"])
         builder.add(make_envelope(run_id, "exp", batch, 1))
     insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], {"async_insert": 0})
