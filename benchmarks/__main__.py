@@ -146,7 +146,7 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
         env["BENCH_SECONDS"] = str(secs)
         t0 = time.perf_counter()
         res = _child(THROUGHPUT, env)
-        n = res["points"]
+        n = res["points"] - res["dropped"]  # a point the buffer could not keep is counted, never stored
 
         def stored() -> int:
             return w.health()["rows"]["metric_points"]
@@ -155,7 +155,7 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
             time.sleep(0.2)
         e2e = time.perf_counter() - t0
         record(f"sustained points/s, log() → queryable in chDB ({secs} s of logging)", n / e2e, "points/s",
-               "≥ 1,000,000", f"{n:,} points in {e2e:.1f} s")
+               "≥ 1,000,000", f"{n:,} points in {e2e:.1f} s; {res['dropped']:,} dropped by the hot buffer (counted)")
         direct = _direct_insert_rate(tmp / "direct")
         record("direct columnar insert into chDB (same machine, same run)", direct, "rows/s")
         record("pipeline / direct insert", (n / e2e) / direct, "×")

@@ -28,6 +28,8 @@ from .spool import Record, Spool, spool_dir_for
 
 log = logging.getLogger("runwatch.producer")
 
+#: Bytes of control events kept in memory when the spool's disk refuses them (status, tags, drop counts).
+HELD_MAX_BYTES = 1 << 20
 #: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
 MAX_POINTS_PER_MESSAGE = 100_000
 TOPICS = ("runs", "metrics", "logs", "aggregates", "alerts", "dlq")
@@ -80,7 +82,7 @@ class Emitter:
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
         self._seq = itertools.count()
         self._woken_for: list | None = None
-        self._retired: list[tuple[list, int, int]] = []  # (list, consumed, cycles left)
+        self._retired: list[tuple[int, list, int]] = []  # (kind, swapped list, cycles left)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_async: asyncio.Event | None = None
@@ -91,6 +93,8 @@ class Emitter:
         self._start_lock = threading.Lock()
         self.connected = False
         self._spool: Spool | None = None
+        self._held: collections.deque[Record] = collections.deque()  # control events the spool refused
+        self._held_bytes = 0
 
     # ------------------------------------------------------------------ hot-path helpers
     def register(self, run_id: str, experiment: str, name: MetricName) -> int:
@@ -260,20 +264,25 @@ class Emitter:
         swapped = (self.buf, self.sbuf, self.chunks)
         self.buf, self.sbuf, self.chunks = [], [], []
         self.chunk_points = 0
-        # A thread that loaded a list just before the swap appends to it a moment later: read each
-        # swapped list up to a recorded length, and re-read it for two more cycles for what came late.
+        # A thread that loaded a list just before the swap appends to it a moment later: empty each
+        # swapped list of what it holds now (`del lst[:n]` is atomic under the GIL; a late append lands
+        # after it), and look at it for two more cycles for what came late. Emptied at once, a swapped
+        # list no longer keeps its points alive: memory stays within `buffer_max_points`.
         late: list[list] = [[], [], []]
         keep = []
-        for kind, lst, consumed, left in self._retired:
+        for kind, lst, left in self._retired:
             n = len(lst)
-            late[kind].extend(lst[consumed:n])
+            if n:
+                late[kind].extend(lst[:n])
+                del lst[:n]
             if left > 0:
-                keep.append((kind, lst, n, left - 1))
+                keep.append((kind, lst, left - 1))
         taken = []
         for kind, lst in enumerate(swapped):
             n = len(lst)
-            taken.append(late[kind] + lst[:n])
-            keep.append((kind, lst, n, 2))
+            taken.append(late[kind] + lst[:n] if late[kind] else lst[:n])
+            del lst[:n]
+            keep.append((kind, lst, 2))
         self._retired = keep
         return taken[0], taken[1], taken[2]
 
@@ -356,9 +365,20 @@ class Emitter:
         return self._spool
 
     def _to_spool(self, records: list[Record]) -> None:
-        refused = self._get_spool().append(records)
+        runs = self.settings.topic("runs")
+        if self._held:  # control events are held already: later ones queue behind them, in order
+            data = [r for r in records if r.topic != runs]
+            refused = (self._get_spool().append(data) if data else []) + [r for r in records if r.topic == runs]
+        else:
+            refused = self._get_spool().append(records)
         self.stats.events_spooled += len(records) - len(refused)
         for rec in refused:
+            if rec.topic == runs and self._held_bytes + len(rec.value) <= HELD_MAX_BYTES:
+                # a control event (status, tags, the drop count) the disk would not take: kept in memory,
+                # sent after the spool, so that the run's end and what it lost still reach the stack
+                self._held.append(rec)
+                self._held_bytes += len(rec.value)
+                continue
             self.stats.events_dropped += 1
             self.count_drop(rec.run_id, rec.points)
 
@@ -389,6 +409,15 @@ class Emitter:
         if self._spooling:
             if not await self._drain_spool():
                 return
+        if self._held:
+            held = list(self._held)
+            failed = await self._send_records(held)
+            if failed:
+                await self._disconnect()
+                self._spooling = True  # the outbox waits behind what is held
+                return
+            self._held.clear()
+            self._held_bytes = 0
         while self._outbox:
             items = []
             while self._outbox:

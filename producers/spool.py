@@ -113,20 +113,28 @@ class Spool:
                 self._write(data)
             except OSError:  # disk full and the like: count it, never raise into training
                 refused.append(rec)
-        if self._writer is not None:
-            try:
-                self._writer.flush()
-            except OSError:
-                pass
         return refused
 
     def _write(self, data: bytes) -> None:
+        """One record, straight to the file: unbuffered, so a full disk fails this record's write (and it
+        is refused and counted) instead of a later buffer flush losing records already counted as kept.
+        A record cut short by the disk filling is cut off again, so the segment stays readable."""
         if self._writer is None or self._writer.tell() >= SEGMENT_BYTES:
             if self._writer is not None:
                 self._writer.close()
                 self._write_seg += 1
-            self._writer = open(self._seg_path(self._write_seg), "ab")
-        self._writer.write(data)
+            self._writer = open(self._seg_path(self._write_seg), "ab", buffering=0)
+        start = self._writer.tell()
+        try:
+            written = self._writer.write(data)
+            if written != len(data):
+                raise OSError(28, f"short write to the spool ({written} of {len(data)} bytes)")
+        except OSError:
+            try:
+                self._writer.truncate(start)
+            except OSError:
+                pass
+            raise
         self._bytes += len(data)
 
     # -- reading -------------------------------------------------------------------

@@ -47,7 +47,9 @@ class Settings:
     #: Points in the hot buffer that wake the background thread early.
     batch_max_points: int = 50_000
     #: Points the hot buffer may hold before log() drops (counted, warned once).
-    buffer_max_points: int = 2_000_000
+    #: The bound on the SDK's memory: about 400 bytes a point at the peak (the buffer being filled and the one
+    #: being sent), so 1 M points is ~480 MB for a process logging faster than its thread can send.
+    buffer_max_points: int = 1_000_000
     #: Bytes the on-disk spool may hold before events are dropped (counted, reported).
     spool_max_bytes: int = 1 << 30
     heartbeat_interval: float = 5.0

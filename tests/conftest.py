@@ -163,7 +163,11 @@ class Worker(_Process):
         log = open(self.home / "worker.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=self.env(), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        wait_until(self.ready, timeout, 0.1, what="worker ready")
+        try:
+            wait_until(self.ready, timeout, 0.1, what="worker ready")
+        except BaseException:
+            self.kill()  # a worker that never became ready must not outlive the test
+            raise
         return self
 
     def ready(self) -> bool:

@@ -32,6 +32,10 @@ ROWS: list[dict] = []
 
 TRAINER = r"""
 import json, os, sys, time
+if os.environ.get("TRAINER_FSIZE"):  # a disk that fills: the kernel refuses writes past this size (EFBIG)
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ["TRAINER_FSIZE"]),) * 2)
 from runwatch import Workspace, Experiment
 steps, seconds, progress = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 run = Experiment(Workspace.from_config(), os.environ["BENCH_EXPERIMENT"]).start_logging()
@@ -381,6 +385,37 @@ def test_spool_full_training_goes_on_and_drops_are_reported(kafka1, tmp_path):
         trainer.proc.kill()
         print(trainer.proc.communicate()[0].decode()[-3000:])
         print("worker runs:", json.dumps(worker.get("/api/runs", include_children="true")), trainer.state())
+        worker.stop()
+
+
+@pytest.mark.own_brokers
+def test_spool_disk_full_training_goes_on_and_drops_are_reported(kafka1, tmp_path):
+    """The spool's disk fills for real: the kernel refuses the training process's writes past 1 MiB
+    (RLIMIT_FSIZE; a small filesystem would need privileges to mount). No bound of runwatch's is hit."""
+    worker = KafkaWorker(kafka1, tmp_path / "w0", _unique("r"))
+    env = sdk_env(kafka1, worker, tmp_path / "sdk", TRAINER_FSIZE=1 << 20, TRAINER_LINGER=20)
+    trainer = Trainer(env, tmp_path, 200_000, 2.0)
+    wait_until(lambda: trainer.logged() == 200_000, 60, what="training finished with the disk full")
+    kafka1.start()
+    worker.start(90)
+    try:
+        run_id = trainer.run_id
+        def settled():
+            r = worker.get(f"/api/runs/{run_id}")
+            v = stored_values(worker, run_id)
+            return (r, v) if r["dropped_points"] and len(v) + r["dropped_points"] == 200_000 else None
+        run, values = wait_until(settled, 60, what="every point stored or counted as dropped")
+        record("spool_disk_full", "the spool's disk full (writes refused past 1 MiB) while the broker is down",
+               sent=200_000, stored=len(values), missing=200_000 - len(set(values)),
+               duplicates=len(values) - len(set(values)),
+               note=f"dropped_points reported on the run: {run['dropped_points']:,}; status {run['status']} "
+                    "(control events the disk refused were kept in memory and sent after the spool)")
+        assert len(values) == len(set(values))
+        assert len(values) + run["dropped_points"] == 200_000, "every point is either stored or counted"
+        assert run["status"] == "Completed"
+    finally:
+        trainer.proc.kill()
+        print(trainer.proc.communicate()[0].decode()[-3000:])
         worker.stop()
 
 
