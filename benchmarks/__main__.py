@@ -122,8 +122,10 @@ def bench_sdk(quick: bool, broker_bootstrap: str, tmp: Path) -> None:
     env["BENCH_SECONDS"] = secs
     tp = _child(THROUGHPUT, env)
     record(f"points/s logged for {secs} s, one process", tp["points"] / tp["log_seconds"], "points/s", "≥ 1,000,000",
-           f"dropped {tp['dropped']}, all acknowledged by the broker after {tp['flush_seconds']:.1f} s")
-    record("points/s logged and acknowledged by the broker", tp["points"] / tp["flush_seconds"], "points/s")
+           f"{tp['dropped']:,} of {tp['points']:,} dropped by the hot buffer (counted); the rest acknowledged by "
+           f"the broker after {tp['flush_seconds']:.1f} s")
+    record("points/s kept and acknowledged by the broker, same run", (tp["points"] - tp["dropped"]) / tp["flush_seconds"],
+           "points/s", note="what one process's background thread sends while its training thread logs flat out")
 
     n = 2_000_000 if quick else 10_000_000
     env = _env(tmp / "h4", "127.0.0.1:1", "b4.")
@@ -204,7 +206,7 @@ for i in range(30):
             n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
             if n == i + 1:
                 break
-        time.sleep(0.05)  # 20 polls a second: the resolution, without loading the worker it measures
+        time.sleep(0.1)  # 10 polls a second: the resolution; each poll is a query the worker answers
     lat.append(time.perf_counter() - t0)
     time.sleep(0.1)
 lat.sort()
@@ -489,8 +491,6 @@ def _cpu(pid: int) -> float:
 
 
 def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
-    import statistics
-
     import httpx
 
     from benchmarks.mlflow_side import (BANDWIDTH, LOG_BATCH, PER_CALL as M_PER_CALL, ensure_venv,
@@ -529,11 +529,13 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
                                                                                   w.api_url),
                                       cwd=ROOT, stdout=subprocess.PIPE, text=True)
         outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
-        fresh = json.loads(fresh_proc.communicate(timeout=600)[0].strip().splitlines()[-1])
-        while w.health()["rows"]["metric_points"] < total + 30:
-            time.sleep(0.2)
+        # done when the 10 M points are stored (the freshness markers, 30 at most, are counted too: < 0.001%);
+        # the freshness process may still be waiting for its last markers, and is not waited for here
+        while w.health()["rows"]["metric_points"] < total:
+            time.sleep(0.1)
         e2e = time.perf_counter() - t0
         cpu = _cpu(broker.proc.pid) + _cpu(w.proc.pid) - cpu0 + sum(o["cpu_s"] for o in outs)
+        fresh = json.loads(fresh_proc.communicate(timeout=600)[0].strip().splitlines()[-1])
         record(f"sustained ingest, 4 processes, {runs:,} runs × {metrics} metrics × {steps:,} steps → queryable",
                total / e2e, "points/s", "≥ 1,000,000", f"{total:,} points in {e2e:.1f} s")
         record("CPU per point, every process (broker, worker, 4 trainers)", cpu / total * 1e6, "µs")
@@ -629,12 +631,10 @@ def _pin(pid: int, cpus: set[int]) -> None:
 
 
 def bench_training(quick: bool, broker, tmp: Path) -> None:
-    """Workload 6: the same CPU-bound loop with and without 10 log() calls a step, alternated, medians.
+    """Workload 6: the same CPU-bound loop with and without 10 log() calls a step, alternated, best of each.
     Two layouts: everything sharing both cores (the embedded stack on the training machine), and the
     training on core 0 with the broker and the worker on core 1 (the stack elsewhere, as in a server
     deployment): the second is what the SDK itself costs the training process."""
-    import statistics
-
     from tests.conftest import Worker
 
     console.rule("Training impact: the same loop with and without runwatch")
@@ -643,7 +643,7 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
     try:
         base = _env(tmp / "t1", broker.bootstrap, "t1.", w.api_url)
         base.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core a loop
-        reps = 3 if quick else 5
+        reps = 3 if quick else 7
         sizes = ((64, 20_000 if quick else 100_000), (384, 300 if quick else 1_000))
         for layout in ("shared", "pinned"):
             env = dict(base)
@@ -656,14 +656,16 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
                 for _ in range(reps):
                     for mode in got:
                         got[mode].append(_child(TRAINING, env, args=(n, mode, size))["steps_per_s"])
-                a, f, b = (statistics.median(got[m]) for m in ("none", "floor", "runwatch"))
+                # the best of each: a CPU-bound loop only ever runs slower than it can, never faster, so the
+                # fastest run is the one least disturbed by the rest of the machine (medians moved by ±3 % here)
+                a, f, b = (max(got[m]) for m in ("none", "floor", "runwatch"))
                 where = ("broker and worker on the same 2 cores" if layout == "shared"
                          else "training on core 0, broker and worker on core 1")
                 record(f"training steps/s without runwatch ({size}x{size} matmul, {1e6 / a:,.0f} µs a step; {layout})",
                        a, "steps/s")
                 record(f"training steps/s with runwatch, 10 metrics a step ({size}x{size}; {layout})", b, "steps/s",
                        "loss ≤ 1%", f"loss {100 * (1 - b / a):.1f}%; appending the 10 values to a list instead "
-                                    f"loses {100 * (1 - f / a):.1f}% ({where}; medians of {reps})")
+                                    f"loses {100 * (1 - f / a):.1f}% ({where}; best of {reps}, alternated)")
     finally:
         for pid in (broker.proc.pid,):
             _pin(pid, every)
