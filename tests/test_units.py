@@ -147,9 +147,12 @@ def test_sdk_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_sink_rows_land_exactly_in_chdb(tmp_path):
+@pytest.mark.parametrize("path", ["stream", "client"])
+def test_sink_rows_land_exactly_in_chdb(tmp_path, path):
     """The sink's columnar build (dictionary columns, Enum numbers, rows pre-sorted for the part) stores
-    every point as sent, on a real chDB: several runs, every kind and dtype, text values, steps out of order."""
+    every point as sent, on a real chDB: several runs, every kind and dtype, text values, steps out of order.
+    "stream": the sink's ArrowStream into chDB; "client": clickhouse-connect's insert_arrow (Arrow file
+    format), the path a ClickHouse server gets."""
     import clickhouse_connect
 
     from sinks.schema import DTYPE_CODES, KIND_CODES, migrate
@@ -181,8 +184,11 @@ def test_sink_rows_land_exactly_in_chdb(tmp_path):
                 expected.add((run_id, f"exp-{r}", nm.name, nm.kind.value, nm.column, nm.dtype.value, int(step[i]),
                               round(float(val[i]), 12), "", seq))
             expected.add((run_id, f"exp-{r}", "img", "image", "", "str", seq, None, f"img-{r}-{seq}.png", seq))
-    insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"],
-                 {"insert_deduplication_token": "unit", "async_insert": 0, "insert_deduplicate": 1})
+    settings = {"insert_deduplication_token": "unit", "async_insert": 0, "insert_deduplicate": 1}
+    if path == "stream":
+        insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], settings)
+    else:
+        client.insert_arrow("runwatch.metric_points", builder.tables()["metric_points"], settings=settings)
     rows = client.query("SELECT run_id, experiment, name, kind, column, dtype, step, value, text, seq "
                         "FROM runwatch.metric_points").result_rows
     got = {(r[0], r[1], r[2], r[3], r[4], r[5], r[6], None if math.isnan(r[7]) else round(r[7], 12), r[8], r[9])
