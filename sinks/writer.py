@@ -389,7 +389,7 @@ class ClickHouseSink:
                 if batch:
                     await self.process(batch)
                 if self._to_check and min(d for d, _ in self._to_check.values()) <= time.time():
-                    await self._run(self.check_aggregates)
+                    await self._run(self._check_aggregates_safely)
                 await self._update_lag()
                 self.error = None
                 backoff = 0.5
@@ -490,6 +490,17 @@ class ClickHouseSink:
         if self._crash_after_inserts and self._inserts >= self._crash_after_inserts:
             log.error("runwatch sink: crashing after an insert, before its offset commit (RUNWATCH_TEST_FAULT)")
             os._exit(137)
+
+    def _check_aggregates_safely(self) -> None:
+        """A check that fails must never hold up the stream: the runs are looked at again later."""
+        try:
+            self.check_aggregates()
+        except Exception as exc:
+            log.warning("runwatch sink: checking finished runs' aggregates failed (%s: %s); trying again later",
+                        type(exc).__name__, exc)
+            later = time.time() + self.settings.aggregates_check_delay
+            self._to_check = {r: (max(when, later), tries + 1) for r, (when, tries) in self._to_check.items()
+                              if tries < 5}
 
     def check_aggregates(self) -> None:
         """Check the running aggregates of runs that finished a while ago against their stored points, and

@@ -241,3 +241,23 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
     assert rows[("short", "note")][0] == 1 and rows[("short", "note")][7] == 4
     assert sink.stats.aggregates_repaired == 1 and sink.stats.aggregates_checked == 3
     assert list(sink._to_check) == ["behind"]  # looked at again later
+
+
+def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
+    """If the check itself fails (here: its table is gone), the sink logs it and looks again later."""
+    import time
+
+    import clickhouse_connect
+
+    from sinks.schema import migrate
+    from sinks.writer import ClickHouseSink
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    client.command("DROP TABLE runwatch.metric_aggregates")
+    sink = ClickHouseSink(Settings.load(aggregates_check_delay=5.0), client, "127.0.0.1:1")
+    sink._to_check = {"r1": (time.time(), 0), "r2": (time.time(), 5)}
+    sink._check_aggregates_safely()
+    assert "checking finished runs' aggregates failed" in caplog.text
+    assert list(sink._to_check) == ["r1"] and sink._to_check["r1"][1] == 1  # r2 had its 5 tries
+    assert sink._to_check["r1"][0] >= time.time() + 4
