@@ -14,6 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks import run_json
+
 ROOT = Path(__file__).resolve().parent.parent
 console = Console()
 RESULTS: list[dict] = []
@@ -35,12 +37,7 @@ def _env(home: Path, bootstrap: str, prefix: str, api_url: str | None = None) ->
 
 
 def _child(code: str, env: dict[str, str], timeout: float = 600, args: tuple = ()) -> dict:
-    """Run a measurement in a fresh process (its own emitter, its own GC state); it prints one JSON line."""
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(code, *args, env=env, timeout=timeout)
 
 
 PER_CALL = r'''
@@ -422,11 +419,7 @@ def bench_dashboards(quick: bool, broker, tmp: Path) -> None:
     console.rule("Dashboards: the slowest panel query of each, on a loaded chDB")
     shape = "100x10x10000" if quick else "1000x10x10000"
     env = dict(os.environ, BENCH_SHAPE=shape, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", DASHBOARDS, str(tmp / "dash-chdb")], env=env, capture_output=True,
-                         text=True, timeout=3600, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"dashboard benchmark failed:\n{out.stderr[-3000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_json(DASHBOARDS, tmp / "dash-chdb", env=env, timeout=3600, what="dashboard benchmark")
     runs, metrics, steps = shape.split("x")
     note = f"{int(runs):,} runs × {metrics} metrics × {int(steps):,} steps + one 1 M-point series; " \
            f"{res['rows']:,} rows loaded directly in {res['load_s']:.0f} s"
@@ -579,8 +572,7 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     record("bytes per stored point: MLflow sqlite file", lb["bytes"] / lb["points"], "bytes")
 
     bench_training(quick, broker, tmp)
-    bw = json.loads(subprocess.run([sys.executable, "-c", BANDWIDTH], capture_output=True, text=True,
-                                   timeout=300).stdout.strip())
+    bw = run_json(BANDWIDTH, timeout=300)
     record("memory bandwidth (numpy copy, read+write)", bw["bytes_per_s"] / 1e9, "GB/s")
     record("direct columnar insert into chDB", _direct_insert_rate(tmp / "direct-m"), "rows/s")
 
@@ -685,8 +677,7 @@ for i in range(30):
     c.insert_arrow("t", tbl, settings={"async_insert": 0})
 print(json.dumps({"rate": 30 * n / (time.perf_counter() - t0)}))
 '''
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+    return run_json(code, path, timeout=300)["rate"]
 
 
 def _bytes_per_point(w) -> float:

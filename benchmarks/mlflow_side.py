@@ -3,11 +3,12 @@ older pyarrow than runwatch), run as child processes of the benchmark."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks import run_json
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-mlflow"
@@ -93,11 +94,7 @@ def ensure_venv(progress) -> Path:
 
 def run_child(py: Path, code: str, *args: str, timeout: float = 1800) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    out = subprocess.run([str(py), "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                         env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"MLflow benchmark child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(code, *args, env=env, python=str(py), timeout=timeout, what="MLflow benchmark child")
 
 
 BANDWIDTH = r'''

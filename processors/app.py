@@ -115,14 +115,9 @@ class Processors:
         msg = event.message
         try:
             env = decode(msg.value)
-        except Exception as exc:  # EventError names what is wrong; anything else is a decoder bug, said as such
-            if not isinstance(exc, EventError):
-                self.errors += 1
-                log.exception("runwatch processors: decoding an event at %s[%d]@%d failed", msg.topic, msg.partition,
-                              msg.offset)
+        except EventError as exc:
             if dead_letter:
-                await self._dead_letter(str(exc) if isinstance(exc, EventError)
-                                        else f"undecodable: {type(exc).__name__}: {exc}", msg)
+                await self._dead_letter(str(exc), msg)
             return
         try:
             await handler(env)

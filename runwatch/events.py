@@ -322,7 +322,17 @@ def _to_wire(env: Envelope) -> dict[str, Any]:
 
 
 def decode(data: bytes) -> Envelope:
-    """Parse and validate one message; raise EventError saying what is wrong."""
+    """Parse and validate one message; raise EventError saying what is wrong, and nothing else: every
+    stage that decodes can then dead-letter a bad message instead of stopping on it."""
+    try:
+        return _decode(data)
+    except EventError:
+        raise
+    except Exception as exc:  # a shape the checks below did not foresee: still the message's fault
+        raise EventError(f"undecodable: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes) -> Envelope:
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types

@@ -28,8 +28,6 @@ def clickhouse_client(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    import faust
-
     from processors.app import Processors
     from producers.emitter import ensure_topics
     from sinks.files import FileStore
@@ -87,10 +85,8 @@ def run(settings: Settings) -> None:
         asyncio.ensure_future(sink.run_forever())
         _quiet_gc()
 
-    worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
-                          redirect_stdouts=False)
     try:
-        worker.execute_from_commandline()
+        _execute(procs.app)
     finally:
         try:
             state_file.unlink()
@@ -100,14 +96,23 @@ def run(settings: Settings) -> None:
 
 def _run_processors_only(settings: Settings, bootstrap: str) -> None:
     """A scale-out worker: the Faust app alone (no ClickHouse, no read API); partitions spread the runs."""
-    import faust
-
     from processors.app import Processors
 
-    procs = Processors(settings, bootstrap)
-    worker = faust.Worker(procs.app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
-                          redirect_stdouts=False)
-    worker.execute_from_commandline()
+    app = Processors(settings, bootstrap).app
+
+    @app.task
+    async def started() -> None:
+        _quiet_gc()
+
+    _execute(app)
+
+
+def _execute(app) -> None:
+    """Run the Faust app in this process until it is stopped (either role)."""
+    import faust
+
+    faust.Worker(app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
+                 redirect_stdouts=False).execute_from_commandline()
 
 
 def _quiet_gc() -> None:

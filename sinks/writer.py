@@ -55,18 +55,6 @@ class SinkStats:
     lag: dict[str, int] = field(default_factory=dict)
 
 
-def _rep(value: Any, n: int, typ: pa.DataType = pa.string()) -> pa.Array:
-    """One value n times. Strings become a one-entry dictionary (4 bytes a row, no copy of the string:
-    ClickHouse reads dictionary columns into String, LowCardinality and Enum alike); numbers a filled array."""
-    if typ == pa.string():
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], typ))
-    return pa.array(np.full(n, value, typ.to_pandas_dtype()), typ)
-
-
-def _ts(values_us: np.ndarray) -> pa.Array:
-    return pa.array(np.asarray(values_us, np.int64), TS)
-
-
 def _us(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1e6)
 
@@ -99,6 +87,7 @@ class _Columns:
         self.arrays[col].append(codes[idx])
 
     def numbers(self, col: str, arr: np.ndarray) -> None:
+        """A numeric column, or (an object array) a string column whose values are all different."""
         self.arrays[col].append(arr)
 
     def table(self) -> pa.Table:
@@ -133,7 +122,8 @@ class RowBuilder:
     def __init__(self) -> None:
         self.points = _Columns({"step": pa.int64(), "ts": TS, "value": pa.float64(), "seq": pa.uint64(),
                                 "kind": pa.int8(), "dtype": pa.int8()}, order_by=("run_id", "name", "column"))
-        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
+        self.lines = _Columns({"node": pa.uint16(), "rank": pa.uint32(), "seq": pa.uint64(), "ts": TS,
+                               "line": pa.string(), "eseq": pa.uint64()})
         self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
     def add(self, env: Envelope) -> None:
@@ -212,24 +202,25 @@ class RowBuilder:
         c.numbers("seq", np.full(n, env.seq, np.uint64))
 
     def _logs(self, env: Envelope, p: LogBatch) -> None:
-        n = len(p.lines)
+        c, n = self.lines, len(p.lines)
         if not n:
             return
-        self.parts["log_lines"].append(pa.table({
-            "run_id": _rep(env.run_id, n), "experiment": _rep(env.experiment, n), "file": _rep(p.file, n),
-            "node": _rep(p.node, n, pa.uint16()), "rank": _rep(p.rank, n, pa.uint32()), "stream": _rep(p.stream, n),
-            "seq": pa.array(np.arange(p.first_seq, p.first_seq + n, dtype=np.uint64)),
-            "ts": _ts(np.frombuffer(p.ts, "<i8")), "line": pa.array(p.lines, pa.string()),
-            "src": _rep(env.source.key, n), "eseq": _rep(env.seq, n, pa.uint64()),
-        }))
+        for col, value in (("run_id", env.run_id), ("experiment", env.experiment), ("file", p.file),
+                           ("stream", p.stream), ("src", env.source.key)):
+            c.const(col, value, n)
+        c.numbers("node", np.full(n, p.node, np.uint16))
+        c.numbers("rank", np.full(n, p.rank, np.uint32))
+        c.numbers("seq", np.arange(p.first_seq, p.first_seq + n, dtype=np.uint64))
+        c.numbers("ts", np.frombuffer(p.ts, "<i8"))
+        c.numbers("line", np.array(p.lines, dtype=object))
+        c.numbers("eseq", np.full(n, env.seq, np.uint64))
 
     def tables(self) -> dict[str, pa.Table]:
         out: dict[str, pa.Table] = {}
         if self.points:
             out["metric_points"] = self.points.table()
-        for name, parts in self.parts.items():
-            # one dictionary per column across the events' parts (Arrow's IPC file format requires it)
-            out[name] = (pa.concat_tables(parts) if len(parts) > 1 else parts[0]).unify_dictionaries()
+        if self.lines:
+            out["log_lines"] = self.lines.table()
         for name, rows in self.rows.items():
             if rows:
                 out[name] = _rows_to_table(name, rows)
@@ -454,10 +445,12 @@ class ClickHouseSink:
     def _write(self, ranges: dict[Any, tuple[int, int, list]]) -> None:
         if self._clickhouse_down_file is not None and self._clickhouse_down_file.exists():
             raise ConnectionError("ClickHouse is unavailable (injected by RUNWATCH_TEST_FAULT)")
-        intents = [[self.group_id, tp.topic, tp.partition, start, end] for tp, (start, end, _) in ranges.items()]
-        self.client.insert(f"{DB}.sink_intents", intents,
-                           column_names=["group_id", "topic", "partition", "start_offset", "end_offset"],
-                           settings={"async_insert": 0})
+        # through the same path as the data (on chDB: no temporary file for every batch's intent)
+        insert_arrow(self.client, f"{DB}.sink_intents", pa.table({
+            "group_id": pa.array([self.group_id] * len(ranges)), "topic": pa.array([tp.topic for tp in ranges]),
+            "partition": pa.array([tp.partition for tp in ranges], pa.int32()),
+            "start_offset": pa.array([start for start, _, _ in ranges.values()], pa.int64()),
+            "end_offset": pa.array([end for _, end, _ in ranges.values()], pa.int64())}), {"async_insert": 0})
         decoded = {tp: self._decode(tp, msgs) for tp, (_, _, msgs) in ranges.items()}
         self._seed_seqs([env for envs in decoded.values() for env, _ in envs if env is not None])
         seen: dict[tuple[str, str, str], int] = {}  # applied to _last_seq only once every insert succeeded
@@ -562,11 +555,10 @@ class ClickHouseSink:
         for m in msgs:
             try:
                 out.append((decode(m.value), m))
-            except Exception as exc:  # never stop the sink on one event: it would retry it forever
+            except EventError as exc:
                 if kind in ("metrics",):
                     continue  # the processors read this topic too and send it to the dlq with the reason
-                reason = str(exc) if isinstance(exc, EventError) else f"undecodable: {type(exc).__name__}: {exc}"
-                out.append((None, (m, reason)))
+                out.append((None, (m, str(exc))))
         return out
 
     def _is_repeat(self, kind: str, env: Envelope, seen: dict) -> bool:

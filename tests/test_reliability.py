@@ -9,6 +9,7 @@ stored, duplicates = stored − distinct stored. Figures go to test-output/relia
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -184,6 +185,20 @@ def processors_worker(cluster, home: Path, prefix: str, extra: dict) -> KafkaWor
     return w
 
 
+@contextlib.contextmanager
+def training_under_way(cluster, tmp_path, sent: int, seconds: float, logged: int):
+    """The cluster up, a worker, and a trainer sending `sent` points over `seconds` that has logged `logged`
+    of them: the moment a fault test strikes. The worker is stopped at the end."""
+    cluster.start()
+    worker = start_worker(cluster, tmp_path)
+    try:
+        trainer = Trainer(sdk_env(cluster, worker, tmp_path / "sdk"), tmp_path, sent, seconds)
+        wait_until(lambda: trainer.logged() >= logged, 30, what="training under way")
+        yield worker, trainer
+    finally:
+        worker.stop()
+
+
 def start_worker(cluster, tmp_path, prefix=None, **extra) -> KafkaWorker:
     return KafkaWorker(cluster, tmp_path / f"worker-{time.monotonic_ns()}", prefix or _unique("r"), extra).start(90)
 
@@ -209,11 +224,7 @@ def test_broker_down_when_training_starts(kafka1, tmp_path):
 
 @pytest.mark.own_brokers
 def test_broker_killed_and_restarted(kafka1, tmp_path):
-    kafka1.start()
-    worker = start_worker(kafka1, tmp_path)
-    try:
-        trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 30_000, 8.0)
-        wait_until(lambda: trainer.logged() >= 8_000, 30, what="training under way")
+    with training_under_way(kafka1, tmp_path, 30_000, 8.0, 8_000) as (worker, trainer):
         kafka1.kill(0)
         time.sleep(3)
         kafka1.start_node(0)
@@ -222,17 +233,11 @@ def test_broker_killed_and_restarted(kafka1, tmp_path):
         record("broker_killed", "broker SIGKILLed mid-stream, restarted after 3 s", **fig,
                note="recovery: restart → all queryable")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
-    finally:
-        worker.stop()
 
 
 @pytest.mark.own_brokers
 def test_broker_paused_longer_than_the_request_timeout(kafka1, tmp_path):
-    kafka1.start()
-    worker = start_worker(kafka1, tmp_path)
-    try:
-        trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 30_000, 8.0)
-        wait_until(lambda: trainer.logged() >= 8_000, 30, what="training under way")
+    with training_under_way(kafka1, tmp_path, 30_000, 8.0, 8_000) as (worker, trainer):
         kafka1.pause(0)
         time.sleep(7)  # the request timeout is 3 s on the SDK side, 5 s in the worker
         logged_during = trainer.logged()
@@ -243,8 +248,6 @@ def test_broker_paused_longer_than_the_request_timeout(kafka1, tmp_path):
                note=f"training went on: {logged_during:,} points logged by the end of the pause")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
         assert logged_during > 8_000, "training waited on the broker"
-    finally:
-        worker.stop()
 
 
 @pytest.mark.own_brokers
@@ -252,34 +255,26 @@ def test_slow_then_cut_network_between_producer_and_broker(tmp_path):
     cluster = KafkaCluster(1, tmp_path / "kafka")
     proxy = TcpProxy(cluster.ports[0])
     cluster.advertised = [proxy.port]  # every client reaches the broker through the proxy
-    cluster.start()
-    worker = start_worker(cluster, tmp_path)
     try:
-        trainer = Trainer(sdk_env(cluster, worker, tmp_path / "sdk"), tmp_path, 30_000, 10.0)
-        wait_until(lambda: trainer.logged() >= 5_000, 30, what="training under way")
-        proxy.latency = 0.05
-        time.sleep(2)
-        proxy.latency = 0.0
-        proxy.set_cut(True)
-        time.sleep(5)
-        proxy.set_cut(False)
-        t0 = time.monotonic()
-        fig = delivered(worker, trainer, 30_000, t0)
-        record("network", "network slow (50 ms per chunk, 2 s), then cut for 5 s", **fig,
-               note="a TCP proxy in front of the broker")
-        assert fig["missing"] == 0 and fig["duplicates"] == 0
+        with training_under_way(cluster, tmp_path, 30_000, 10.0, 5_000) as (worker, trainer):
+            proxy.latency = 0.05
+            time.sleep(2)
+            proxy.latency = 0.0
+            proxy.set_cut(True)
+            time.sleep(5)
+            proxy.set_cut(False)
+            t0 = time.monotonic()
+            fig = delivered(worker, trainer, 30_000, t0)
+            record("network", "network slow (50 ms per chunk, 2 s), then cut for 5 s", **fig,
+                   note="a TCP proxy in front of the broker")
+            assert fig["missing"] == 0 and fig["duplicates"] == 0
     finally:
-        worker.stop()
         cluster.stop()
         proxy.close()
 
 
 def test_worker_killed_mid_stream(kafka1, tmp_path):
-    kafka1.start()
-    worker = start_worker(kafka1, tmp_path)
-    try:
-        trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 30_000, 8.0)
-        wait_until(lambda: trainer.logged() >= 8_000, 30, what="training under way")
+    with training_under_way(kafka1, tmp_path, 30_000, 8.0, 8_000) as (worker, trainer):
         worker.kill()
         time.sleep(1)
         t0 = time.monotonic()
@@ -295,8 +290,6 @@ def test_worker_killed_mid_stream(kafka1, tmp_path):
                     f"{'recomputed from the points after a skipped batch' if repaired else 'no batch skipped'}")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
         assert (aggs["min"], aggs["max"], aggs["last"]) == (0.0, 29_999.0, 29_999.0)
-    finally:
-        worker.stop()
 
 
 def test_sink_killed_between_insert_and_offset_commit(kafka1, tmp_path):
@@ -339,11 +332,7 @@ def test_clickhouse_unavailable_for_a_while(kafka1, tmp_path):
 
 
 def test_training_process_killed(kafka1, tmp_path):
-    kafka1.start()
-    worker = start_worker(kafka1, tmp_path)
-    try:
-        trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 100_000, 10.0)
-        wait_until(lambda: trainer.logged() >= 20_000, 30, what="training under way")
+    with training_under_way(kafka1, tmp_path, 100_000, 10.0, 20_000) as (worker, trainer):
         trainer.proc.send_signal(signal.SIGKILL)
         trainer.proc.wait(10)
         logged = trainer.logged()  # at least this many were logged (the progress file lags by < 500)
@@ -357,8 +346,6 @@ def test_training_process_killed(kafka1, tmp_path):
                     "10,000 points/s, flush every 50 ms)")
         # the loss is what had not reached the broker: about 2 flush intervals and one send at this rate
         assert len(values) == distinct and distinct >= logged - 3_000 and values == sorted(values)
-    finally:
-        worker.stop()
 
 
 SPOOL_LIMITS = {
