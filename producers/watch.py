@@ -64,6 +64,17 @@ class OutputFollower:
         files = self.fixed or [f for f in expected if f.startswith(DRIVER_LOG_PREFIX)]
         return all(self.printed.get(f, 0) >= expected.get(f, 0) for f in files)
 
+    def finish(self, details: dict[str, Any], within: float = 10.0) -> None:
+        """After the run ended: print what is still on its way. The final status can overtake the last log
+        lines (they travel on another topic), so wait for the line counts the launcher recorded, at most
+        `within` seconds."""
+        expected = json.loads(details.get("properties", {}).get(LOG_COUNTS_PROPERTY) or "{}")
+        settle = time.monotonic() + within
+        self.poll()
+        while not self.caught_up(expected) and time.monotonic() < settle:
+            time.sleep(0.2)
+            self.poll()
+
 
 def wait(run, show_output: bool, raise_on_error: bool, timeout: float | None, poll_interval: float,
          out: TextIO | None = None) -> dict[str, Any]:
@@ -98,13 +109,7 @@ def wait(run, show_output: bool, raise_on_error: bool, timeout: float | None, po
         time.sleep(poll_interval)
     details = run.get_details()
     if follower is not None:
-        # the final status can overtake the last log lines (they travel on another topic): wait for the
-        # counts the launcher recorded, for at most 10 s
-        expected = json.loads(details.get("properties", {}).get(LOG_COUNTS_PROPERTY) or "{}")
-        settle = time.monotonic() + 10
-        while not follower.caught_up(expected) and time.monotonic() < settle:
-            time.sleep(0.2)
-            follower.poll()
+        follower.finish(details)
         _summary(out, run, details)
     if raise_on_error and details["status"] == "Failed":
         raise RunFailedError(f"run {run.id} failed: {json.dumps(details.get('error'))}", details)

@@ -66,7 +66,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
                 if status in ("Completed", "Failed", "Canceled") and _children_done(exp, run.id, steps):
                     break
                 time.sleep(0.5)
-            follower.poll()
+            follower.finish(run.get_details())
             live.update(_live_view(exp, run.id, status, steps))
     except RunwatchError as exc:
         console.print(f"[red]{exc}[/red]")
@@ -92,6 +92,9 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
     if keep:
         console.print("The stack keeps running; stop it with `runwatch down`.")
     else:
+        from producers.emitter import close_all
+
+        close_all()  # this process's producer goes first: left open, it would complain of the broker going away
         down(settings)
     return 0
 
