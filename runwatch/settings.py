@@ -93,6 +93,9 @@ class Settings:
     broker_port: int = 19092
     sink_max_wait: float = 0.1
     sink_max_batch_events: int = 2000
+    #: Event bytes (decompressed) per sink insert: a fetch is written in chunks of this size, each with its
+    #: own offset commit (16 MiB: about 600 k points).
+    sink_max_batch_bytes: int = 16 << 20
     #: Seconds after a run finished when the sink checks its running aggregates against its stored points
     #: (and recomputes them from the points if the processors skipped a batch after a crash).
     aggregates_check_delay: float = 10.0

@@ -52,7 +52,7 @@ def run(settings: Settings) -> None:
     version = migrate(writer_client)
     reader_client = clickhouse_client(settings)
     procs = Processors(settings, bootstrap)
-    sink = ClickHouseSink(settings, writer_client, bootstrap)
+    sink = ClickHouseSink(settings, writer_client, bootstrap, lookup=clickhouse_client(settings))
     started = time.time()
 
     def health() -> dict[str, Any]:
@@ -111,8 +111,13 @@ def _execute(app) -> None:
     """Run the Faust app in this process until it is stopped (either role)."""
     import faust
 
-    faust.Worker(app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
-                 redirect_stdouts=False).execute_from_commandline()
+    worker = faust.Worker(app, loglevel=os.environ.get("RUNWATCH_LOG_LEVEL", "warning"), quiet=True,
+                          redirect_stdouts=False)
+    # Faust's terminal spinner turns once per log record of any level: to see them all, it sets the root
+    # logger to DEBUG, and then every library's debug call (one per message produced) builds a record
+    # for nothing. Without it the root logger keeps the level asked for.
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 def _quiet_gc() -> None:

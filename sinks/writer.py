@@ -59,6 +59,44 @@ def _us(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1e6)
 
 
+@dataclass
+class _Prepared:
+    """One chunk of a fetch, decoded and built, waiting for its insert."""
+
+    ranges: dict[Any, tuple[int, int, list]]
+    tables: list[tuple[str, dict[str, pa.Table]]] = field(default_factory=list)  # (dedup token, tables)
+    seen: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    events: int = 0
+    repeats: int = 0
+    rejected: int = 0
+    finished: list[str] = field(default_factory=list)
+
+
+def _chunks(ranges: dict[Any, tuple[int, int, list]], max_bytes: int, whole: set) -> list[dict]:
+    """Split a fetch's ranges into chunks of at most `max_bytes` of event bytes (one event at least), each
+    with at most one contiguous range per partition; ranges in `whole` are never split."""
+    chunks: list[dict] = []
+    current: dict = {}
+    size = 0
+    for tp, (_, _, msgs) in ranges.items():
+        if tp in whole:
+            chunks.append({tp: ranges[tp]})
+            continue
+        lo = 0
+        for i, m in enumerate(msgs):
+            n = len(m.value or b"")
+            if size + n > max_bytes and (i > lo or current):
+                if i > lo:
+                    current[tp] = (msgs[lo].offset, msgs[i - 1].offset, msgs[lo:i])
+                chunks.append(current)
+                current, size, lo = {}, 0, i
+            size += n
+        current[tp] = (msgs[lo].offset, msgs[-1].offset, msgs[lo:])
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class _Columns:
     """One Arrow table from many events' arrays, built once: numeric columns are concatenated, string
     columns become dictionary arrays whose dictionaries hold the events' few distinct values (run ids, metric
@@ -285,9 +323,12 @@ def _sql_value(v: Any) -> str:
 class ClickHouseSink:
     """Consumes SINK_TOPICS with manual commits and writes them to ClickHouse."""
 
-    def __init__(self, settings: Settings, client, bootstrap: str, group_id: str | None = None):
+    def __init__(self, settings: Settings, client, bootstrap: str, group_id: str | None = None, lookup=None):
         self.settings = settings
         self.client = client
+        #: a second client (on chDB: its own handle) for the build thread's lookups, which would otherwise
+        #: wait for the insert thread's hold on the first
+        self.lookup = lookup or client
         self.bootstrap = bootstrap
         self.group_id = group_id or f"{settings.topic_prefix}sink"
         self.stats = SinkStats()
@@ -298,6 +339,7 @@ class ClickHouseSink:
         self._pending: dict[Any, list] = defaultdict(list)
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink")
+        self._build_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink-build")
         self._topic_kind = {settings.topic(t): t for t in SINK_TOPICS}
         # Fault injection for the reliability suite only (docs/reliability.md); unset in normal use.
         fault = os.environ.get("RUNWATCH_TEST_FAULT", "")
@@ -421,6 +463,7 @@ class ClickHouseSink:
 
     async def process(self, batch: dict) -> None:
         ranges: dict[Any, tuple[int, int, list]] = {}
+        whole: set = set()  # ranges replayed under a recorded intent: inserted as they were, never split
         for tp, msgs in batch.items():
             forced = self._forced_end.get(tp)
             if forced is not None:
@@ -432,28 +475,38 @@ class ClickHouseSink:
                 del self._pending[tp]
                 del self._forced_end[tp]
                 self.consumer.seek(tp, forced + 1)
+                whole.add(tp)
             if msgs:
                 ranges[tp] = (msgs[0].offset, msgs[-1].offset, msgs)
         if not ranges:
             return
-        await self._run(lambda: self._write(ranges))
-        await self.consumer.commit({tp: end + 1 for tp, (_, end, _) in ranges.items()})
-        self.stats.batches += 1
-        self.stats.last_insert_ts = time.time()
+        # One fetch can hold millions of points. It is written as chunks of at most sink_max_batch_bytes,
+        # each with its own intent and offset commit, and in a pipeline: the next chunk is decoded and built
+        # (Python) while this one is inserted (ClickHouse's threads) -- one big batch at a time left a core
+        # idle and made everything in it wait for all of it (docs/performance.md).
+        chunks = _chunks(ranges, self.settings.sink_max_batch_bytes, whole)
+        loop = asyncio.get_running_loop()
+        nxt = loop.run_in_executor(self._build_pool, self._prepare, chunks[0], {})
+        try:
+            for i, chunk in enumerate(chunks):
+                ready = await nxt
+                nxt = (loop.run_in_executor(self._build_pool, self._prepare, chunks[i + 1], ready.seen)
+                       if i + 1 < len(chunks) else None)
+                await self._run(lambda: self._insert(ready))
+                await self.consumer.commit({tp: end + 1 for tp, (_, end, _) in chunk.items()})
+                self.stats.batches += 1
+                self.stats.last_insert_ts = time.time()
+        finally:
+            if nxt is not None:  # a chunk failed: the one built ahead is dropped (the stream rewinds)
+                await asyncio.gather(nxt, return_exceptions=True)
 
-    # -- runs in the sink's thread ---------------------------------------------------------
-    def _write(self, ranges: dict[Any, tuple[int, int, list]]) -> None:
-        if self._clickhouse_down_file is not None and self._clickhouse_down_file.exists():
-            raise ConnectionError("ClickHouse is unavailable (injected by RUNWATCH_TEST_FAULT)")
-        # through the same path as the data (on chDB: no temporary file for every batch's intent)
-        insert_arrow(self.client, f"{DB}.sink_intents", pa.table({
-            "group_id": pa.array([self.group_id] * len(ranges)), "topic": pa.array([tp.topic for tp in ranges]),
-            "partition": pa.array([tp.partition for tp in ranges], pa.int32()),
-            "start_offset": pa.array([start for start, _, _ in ranges.values()], pa.int64()),
-            "end_offset": pa.array([end for _, end, _ in ranges.values()], pa.int64())}), {"async_insert": 0})
+    # -- runs in the sink's threads --------------------------------------------------------
+    def _prepare(self, ranges: dict[Any, tuple[int, int, list]], before: dict) -> "_Prepared":
+        """Decode and build one chunk's tables (the build thread). `before`: the repeat-check state of the
+        chunk ahead of this one, not yet inserted."""
         decoded = {tp: self._decode(tp, msgs) for tp, (_, _, msgs) in ranges.items()}
         self._seed_seqs([env for envs in decoded.values() for env, _ in envs if env is not None])
-        seen: dict[tuple[str, str, str], int] = {}  # applied to _last_seq only once every insert succeeded
+        ready = _Prepared(ranges)
         for tp, (start, end, _) in ranges.items():
             builder = RowBuilder()
             kind = self._topic_kind.get(tp.topic, "")
@@ -461,24 +514,45 @@ class ClickHouseSink:
                 if env is None:
                     builder.dead_letter(m[1], tp.topic, tp.partition, m[0].offset, m[0].value or b"")
                     continue
-                if kind in ("metrics", "logs") and self._is_repeat(kind, env, seen):
-                    self.stats.repeats_dropped += 1
+                if kind in ("metrics", "logs") and self._is_repeat(kind, env, ready.seen, before):
+                    ready.repeats += 1
                     continue
                 if isinstance(env.payload, MetricBatch) and len(env.payload.names) > self.settings.max_metric_names:
-                    self.stats.rejected += 1  # a cardinality bomb: the processors send it to the dlq with the reason
+                    ready.rejected += 1  # a cardinality bomb: the processors send it to the dlq with the reason
                     continue
                 builder.add(env)
-                self.stats.events += 1
+                ready.events += 1
                 if isinstance(env.payload, RunState) and env.payload.snapshot.get("status") in TERMINAL:
-                    self._to_check.setdefault(env.run_id, (time.time() + self.settings.aggregates_check_delay, 0))
-            token = f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}"
-            for table, data in builder.tables().items():
+                    ready.finished.append(env.run_id)
+            ready.tables.append((f"{self.group_id}:{tp.topic}:{tp.partition}:{start}:{end}", builder.tables()))
+        return ready
+
+    def _insert(self, ready: "_Prepared") -> None:
+        """Write one prepared chunk: its intent first, then its tables (the insert thread)."""
+        if self._clickhouse_down_file is not None and self._clickhouse_down_file.exists():
+            raise ConnectionError("ClickHouse is unavailable (injected by RUNWATCH_TEST_FAULT)")
+        ranges = ready.ranges
+        # through the same path as the data (on chDB: no temporary file for every batch's intent)
+        insert_arrow(self.client, f"{DB}.sink_intents", pa.table({
+            "group_id": pa.array([self.group_id] * len(ranges)), "topic": pa.array([tp.topic for tp in ranges]),
+            "partition": pa.array([tp.partition for tp in ranges], pa.int32()),
+            "start_offset": pa.array([start for start, _, _ in ranges.values()], pa.int64()),
+            "end_offset": pa.array([end for _, end, _ in ranges.values()], pa.int64())}), {"async_insert": 0})
+        for token, tables in ready.tables:
+            for table, data in tables.items():
                 insert_arrow(self.client, f"{DB}.{table}", data, {
                     "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
                 self.stats.rows[table] += data.num_rows
                 if table == "dead_letters":
                     self.stats.dead_letters += data.num_rows
-        self._last_seq.update(seen)
+        # counted, and the repeat check's state kept, only once every insert of the chunk succeeded
+        self._last_seq.update(ready.seen)
+        self.stats.events += ready.events
+        self.stats.repeats_dropped += ready.repeats
+        self.stats.rejected += ready.rejected
+        due = time.time() + self.settings.aggregates_check_delay
+        for run_id in ready.finished:
+            self._to_check.setdefault(run_id, (due, 0))
         self._inserts += 1
         if self._crash_after_inserts and self._inserts >= self._crash_after_inserts:
             log.error("runwatch sink: crashing after an insert, before its offset commit (RUNWATCH_TEST_FAULT)")
@@ -561,9 +635,11 @@ class ClickHouseSink:
                 out.append((None, (m, str(exc))))
         return out
 
-    def _is_repeat(self, kind: str, env: Envelope, seen: dict) -> bool:
+    def _is_repeat(self, kind: str, env: Envelope, seen: dict, before: dict) -> bool:
         key = (kind, env.run_id, env.source.key)
-        last = seen.get(key, self._last_seq.get(key))
+        last = seen.get(key)
+        if last is None:
+            last = before.get(key, self._last_seq.get(key))
         if last is not None and env.seq <= last:
             return True
         seen[key] = env.seq
@@ -578,7 +654,7 @@ class ClickHouseSink:
                 wanted[kind].add(env.run_id)
         for kind, runs in wanted.items():
             table, col = ("metric_points", "seq") if kind == "metrics" else ("log_lines", "eseq")
-            rows = self.client.query(
+            rows = self.lookup.query(
                 f"SELECT run_id, src, max({col}) FROM {DB}.{table} WHERE run_id IN {{runs:Array(String)}} "
                 "GROUP BY run_id, src", parameters={"runs": sorted(runs)}).result_rows
             for run_id, src, seq in rows:

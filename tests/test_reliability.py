@@ -292,9 +292,14 @@ def test_worker_killed_mid_stream(kafka1, tmp_path):
         assert (aggs["min"], aggs["max"], aggs["last"]) == (0.0, 29_999.0, 29_999.0)
 
 
-def test_sink_killed_between_insert_and_offset_commit(kafka1, tmp_path):
+@pytest.mark.parametrize("chunk", ["whole fetches", "4 KiB chunks"])
+def test_sink_killed_between_insert_and_offset_commit(kafka1, tmp_path, chunk):
+    """The sink writes a fetch as chunks, building the next while the last is inserted; killed after an
+    insert, before its commit, it replays that chunk under its intent. With 4 KiB chunks nearly every event
+    is a chunk of its own, and the crash comes with the next one already built."""
     kafka1.start()
-    worker = start_worker(kafka1, tmp_path, RUNWATCH_TEST_FAULT="crash-after-insert:5")
+    extra = {"RUNWATCH_SINK_MAX_BATCH_BYTES": "4096"} if chunk == "4 KiB chunks" else {}
+    worker = start_worker(kafka1, tmp_path, RUNWATCH_TEST_FAULT="crash-after-insert:5", **extra)
     trainer = Trainer(sdk_env(kafka1, worker, tmp_path / "sdk"), tmp_path, 30_000, 6.0)
     wait_until(lambda: worker.proc.poll() is not None, 60, what="the sink's crash after an insert")
     worker.extra_env.pop("RUNWATCH_TEST_FAULT")
@@ -302,7 +307,8 @@ def test_sink_killed_between_insert_and_offset_commit(kafka1, tmp_path):
     worker.start(90)
     try:
         fig = delivered(worker, trainer, 30_000, t0)
-        record("sink_killed", "sink killed after its 5th insert, before committing the offsets", **fig,
+        record(f"sink_killed_{'chunked' if extra else 'whole'}",
+               f"sink killed after its 5th insert, before committing the offsets ({chunk})", **fig,
                note="the replay carries the same insert deduplication token")
         assert fig["missing"] == 0 and fig["duplicates"] == 0
     finally:

@@ -147,6 +147,37 @@ def test_sdk_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+@given(sizes=st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=30), min_size=1, max_size=4),
+       limit=st.integers(1, 120), whole=st.sets(st.integers(0, 3)))
+def test_sink_chunks_cover_a_fetch_once_in_order_within_the_limit(sizes, limit, whole):
+    """A fetch is written in chunks: every message exactly once, each partition's messages in order and as
+    contiguous ranges, a chunk over the limit only when it is one message (or a range replayed whole)."""
+    from types import SimpleNamespace
+
+    from sinks.writer import _chunks
+
+    ranges = {}
+    for tp, lens in enumerate(sizes):
+        msgs = [SimpleNamespace(offset=100 * tp + i, value=b"x" * n) for i, n in enumerate(lens)]
+        ranges[tp] = (msgs[0].offset, msgs[-1].offset, msgs)
+    whole = {tp for tp in whole if tp in ranges}
+    chunks = _chunks(ranges, limit, whole)
+    got: dict[int, list[int]] = {tp: [] for tp in ranges}
+    for chunk in chunks:
+        assert chunk
+        size = 0
+        for tp, (start, end, msgs) in chunk.items():
+            assert [m.offset for m in msgs] == list(range(start, end + 1))  # contiguous, in order
+            got[tp] += [m.offset for m in msgs]
+            size += sum(len(m.value) for m in msgs)
+        one_message = sum(len(msgs) for _, _, msgs in chunk.values()) == 1
+        assert size <= limit or one_message or (len(chunk) == 1 and next(iter(chunk)) in whole)
+    for tp, (_, _, msgs) in ranges.items():
+        assert got[tp] == [m.offset for m in msgs]  # every message once, in order
+    for tp in whole:
+        assert sum(tp in c for c in chunks) == 1
+
+
 @pytest.mark.parametrize("path", ["stream", "client"])
 def test_sink_rows_land_exactly_in_chdb(tmp_path, path):
     """The sink's columnar build (dictionary columns, Enum numbers, rows pre-sorted for the part) stores
