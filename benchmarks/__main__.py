@@ -583,34 +583,46 @@ import json, os, sys, time
 if os.environ.get("BENCH_CPU"):
     os.sched_setaffinity(0, {int(os.environ["BENCH_CPU"])})
 import numpy as np
-steps, mode, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-run = None
+per_block, pairs, mode, size = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 if mode == "floor":  # the same 10 values a step appended to a list: what any in-process logging costs at least
     class _Floor:
         buf = []
         def log(self, name, value, t=time.time):
             self.buf.append((name, len(self.buf), t(), value))
     run = _Floor()
-if mode == "runwatch":
+else:
     from runwatch import Workspace, Experiment
     run = Experiment(Workspace.from_config(), "impact").start_logging()
 rng = np.random.default_rng(0)
 w = rng.normal(size=(size, size)) / size ** 0.5
 x = rng.normal(size=(size, size))
 names = [f"m{i}" for i in range(10)]
-for s in range(steps // 10):  # warm-up: BLAS, caches, the emitter's thread
-    x = np.tanh(x @ w)
-t0 = time.perf_counter()
-for s in range(steps):
-    x = np.tanh(x @ w)           # a CPU-bound step
-    if run is not None:
-        v = float(x[0, 0])
-        for n in names:
-            run.log(n, v)
-dt = time.perf_counter() - t0
+
+def block(logging):
+    global x
+    t0 = time.perf_counter()
+    if logging:
+        for s in range(per_block):
+            x = np.tanh(x @ w)           # a CPU-bound step
+            v = float(x[0, 0])
+            for n in names:
+                run.log(n, v)
+    else:
+        for s in range(per_block):
+            x = np.tanh(x @ w)
+    return per_block / (time.perf_counter() - t0)
+
+block(True); block(False)  # warm-up: BLAS, caches, the emitter's thread and its connection
+losses, off = [], []
+for p in range(pairs):  # A B, B A, A B, ...: a drift of the machine's speed falls on both alike
+    order = (True, False) if p % 2 == 0 else (False, True)
+    r = {lg: block(lg) for lg in order}
+    losses.append(1 - r[True] / r[False])
+    off.append(r[False])
 if mode == "runwatch":
     run.complete()
-print(json.dumps({"steps_per_s": steps / dt}))
+losses.sort()
+print(json.dumps({"loss": losses[len(losses) // 2], "losses": losses, "steps_per_s": sorted(off)[len(off) // 2]}))
 '''
 
 
@@ -624,10 +636,14 @@ def _pin(pid: int, cpus: set[int]) -> None:
 
 
 def bench_training(quick: bool, broker, tmp: Path) -> None:
-    """Workload 6: the same CPU-bound loop with and without 10 log() calls a step, alternated, best of each.
-    Two layouts: everything sharing both cores (the embedded stack on the training machine), and the
-    training on core 0 with the broker and the worker on core 1 (the stack elsewhere, as in a server
-    deployment): the second is what the SDK itself costs the training process."""
+    """Workload 6: the same CPU-bound loop with and without 10 log() calls a step. One process alternates
+    blocks of steps with and without logging (A B, B A, ...), and the loss is the median of the pairs: the
+    same process, memory layout and moment of the machine for both sides (separate processes differed by
+    ±3 % between themselves, more than what was measured). The emitter's thread lives through the process,
+    so a block without logging pays its idle wake-ups; a block with logging hands its last 0.2 s of points
+    to the next block (under 10 % of its thread's work at 2 s blocks). Two layouts: everything sharing
+    both cores (the embedded stack on the training machine), and the training on core 0 with the broker
+    and the worker on core 1 (the stack elsewhere, as in a server deployment)."""
     from tests.conftest import Worker
 
     console.rule("Training impact: the same loop with and without runwatch")
@@ -636,31 +652,27 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
     try:
         base = _env(tmp / "t1", broker.bootstrap, "t1.", w.api_url)
         base.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core a loop
-        reps = 3 if quick else 7
-        sizes = ((64, 20_000 if quick else 100_000), (384, 300 if quick else 1_000))
+        pairs = 4 if quick else 8
+        # (matrix size, steps a block): a 384x384 step takes ~2 ms (2 s blocks), a 64x64 one ~15 µs (1 s)
+        sizes = ((384, 300 if quick else 1_000), (64, 30_000 if quick else 65_000))
         for layout in ("shared", "pinned"):
             env = dict(base)
             if layout == "pinned" and len(every) > 1:
                 for pid in (broker.proc.pid, w.proc.pid):
                     _pin(pid, every - {0})
                 env["BENCH_CPU"] = "0"
+            where = ("broker and worker on the same 2 cores" if layout == "shared"
+                     else "training on core 0, broker and worker on core 1")
             for size, n in sizes:
-                got: dict[str, list[float]] = {"none": [], "floor": [], "runwatch": []}
-                for _ in range(reps):
-                    for mode in got:
-                        got[mode].append(_child(TRAINING, env, args=(n, mode, size))["steps_per_s"])
-                # the best of each: a CPU-bound loop only ever runs slower than it can, never faster, so the
-                # fastest run is the one least disturbed by the rest of the machine (medians moved by ±3 % here)
-                a, f, b = (max(got[m]) for m in ("none", "floor", "runwatch"))
-                where = ("broker and worker on the same 2 cores" if layout == "shared"
-                         else "training on core 0, broker and worker on core 1")
-                record(f"training steps/s without runwatch ({size}x{size} matmul, {1e6 / a:,.0f} µs a step; {layout})",
-                       a, "steps/s")
-                record(f"training steps/s with runwatch, 10 metrics a step ({size}x{size}; {layout})", b, "steps/s",
-                       "loss ≤ 1%", f"loss {100 * (1 - b / a):.1f}%; appending the 10 values to a list instead "
-                                    f"loses {100 * (1 - f / a):.1f}% ({where}; best of {reps}, alternated)")
+                rw = _child(TRAINING, env, args=(n, pairs, "runwatch", size))
+                fl = _child(TRAINING, env, args=(n, pairs, "floor", size))
+                record(f"training loss with runwatch, 10 metrics a step ({size}x{size} matmul, "
+                       f"{1e6 / rw['steps_per_s']:,.0f} µs a step; {layout})", 100 * rw["loss"], "%", "≤ 1%",
+                       f"median of {pairs} alternated pairs of {n:,}-step blocks (pairs from "
+                       f"{100 * rw['losses'][0]:.1f} to {100 * rw['losses'][-1]:.1f}%); appending the 10 values to a "
+                       f"list instead: {100 * fl['loss']:.1f}% ({where})")
     finally:
-        for pid in (broker.proc.pid,):
+        for pid in (broker.proc.pid, w.proc.pid):
             _pin(pid, every)
         w.stop()
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class RunwatchError(Exception):
@@ -36,6 +37,8 @@ class ApiClient:
         self._base: str | None = None
 
     def _http(self) -> httpx.Client:
+        import httpx  # on first use: a training process that only logs never pays its import (60 ms)
+
         base = self.settings.resolved_api_url()
         if not base:
             raise StackNotRunning(None)
@@ -49,6 +52,8 @@ class ApiClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request; no answer at all means the stack is not running."""
+        import httpx
+
         try:
             return self._http().request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -76,6 +81,8 @@ class ApiClient:
     def download(self, path: str, fh) -> int:
         """GET a file's bytes into the binary file object `fh`, streamed; return the number of bytes.
         When the server sends the file's checksum (X-Content-SHA256) the bytes are checked against it."""
+        import httpx
+
         n = 0
         digest = hashlib.sha256()
         try:

@@ -142,7 +142,7 @@ def test_sdk_import_stays_light():
     import sys
 
     code = ("import sys; from runwatch import Workspace, Experiment, Run; "
-            "print(sorted(m for m in ('faust', 'chdb', 'clickhouse_connect', 'aiohttp', 'pyarrow') if m in sys.modules))")
+            "print(sorted(m for m in ('faust', 'chdb', 'clickhouse_connect', 'aiohttp', 'pyarrow', 'httpx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
