@@ -44,7 +44,7 @@ def run_row(r: tuple) -> dict[str, Any]:
         "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
         "run_type": run_type, "compute_target": target, "status": status, "created_time": created,
         "start_time": start, "end_time": end, "duration_s": duration,
-        "properties": dict(props), "tags": json.loads(tags_json) if tags_json else {},
+        "properties": dict(props), "tags": json.loads(tags_json) if tags_json and tags_json != "{}" else {},
         "error": json.loads(error) if error else None, "dropped_points": int(dropped),
         "illegal_transitions": int(illegal), "version": int(version),
     }
@@ -117,10 +117,13 @@ class Queries:
         wanted = list(dict.fromkeys((metrics or []) + ([sort_metric] if sort_metric else [])))
         if sort_metric:
             params["sort_metric"] = sort_metric
+            # the aggregates of the runs' experiment only, when there is one: not every experiment's
+            in_experiment = " AND experiment = {experiment:String}" if experiment is not None else ""
             sql = f"""
                 SELECT {run_columns("r.")} FROM {DB}.runs AS r FINAL
                 LEFT JOIN (SELECT run_id, {sort} AS sort_value FROM {DB}.metric_aggregates FINAL
-                           WHERE name = {{sort_metric:String}} AND column = '') AS a ON a.run_id = r.run_id
+                           WHERE name = {{sort_metric:String}} AND column = ''{in_experiment}) AS a
+                          ON a.run_id = r.run_id
                 WHERE {' AND '.join(where)}
                 ORDER BY isNull(a.sort_value) OR isNaN(a.sort_value), a.sort_value {order.upper()}, r.created_time DESC
                 LIMIT {{limit:UInt32}}"""
