@@ -435,7 +435,7 @@ INGEST = r'''
 import json, os, sys, time
 from runwatch import Workspace, Experiment
 runs, metrics, steps = (int(x) for x in sys.argv[1:4])
-exp = Experiment(Workspace.from_config(), "ingest4")
+exp = Experiment(Workspace.from_config(), os.environ.get("BENCH_EXPERIMENT", "ingest4"))
 names = [f"m{m}" for m in range(metrics)]
 t0 = time.perf_counter()
 for r in range(runs):
@@ -513,26 +513,40 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     runs, metrics, steps = (100, 10, 1000) if quick else (1000, 10, 1000)
     total = runs * metrics * steps
     w = Worker(broker, tmp / "worker-m", "m2.").start()
-    try:
-        env = _env(tmp / "m2", broker.bootstrap, "m2.", w.api_url)
+
+    def workload2(experiment: str, probe: bool) -> tuple[float, float, dict | None]:
+        """4 processes log `total` points; seconds until all are stored, CPU seconds of every process, and
+        (probe) the freshness markers' latencies measured meanwhile."""
+        env = dict(_env(tmp / "m2", broker.bootstrap, "m2.", w.api_url), BENCH_EXPERIMENT=experiment)
+        stored0 = w.health()["rows"].get("metric_points", 0)
         cpu0 = _cpu(broker.proc.pid) + _cpu(w.proc.pid)
         t0 = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), str(metrics), str(steps)], env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
         fresh_proc = subprocess.Popen([sys.executable, "-c", FRESHNESS], env=_env(tmp / "m3", broker.bootstrap, "m2.",
                                                                                   w.api_url),
-                                      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                      cwd=ROOT, stdout=subprocess.PIPE, text=True) if probe else None
         outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
-        # done when the 10 M points are stored (the freshness markers, 30 at most, are counted too: < 0.001%);
+        # done when the points are stored (the freshness markers, 30 at most, are counted too: < 0.001%);
         # the freshness process may still be waiting for its last markers, and is not waited for here
-        while w.health()["rows"]["metric_points"] < total:
+        while w.health()["rows"]["metric_points"] < stored0 + total:
             time.sleep(0.1)
         e2e = time.perf_counter() - t0
         cpu = _cpu(broker.proc.pid) + _cpu(w.proc.pid) - cpu0 + sum(o["cpu_s"] for o in outs)
-        fresh = json.loads(fresh_proc.communicate(timeout=600)[0].strip().splitlines()[-1])
+        fresh = json.loads(fresh_proc.communicate(timeout=600)[0].strip().splitlines()[-1]) if probe else None
+        return e2e, cpu, fresh
+
+    try:
+        env = _env(tmp / "m2", broker.bootstrap, "m2.", w.api_url)
+        # workload 2 as the issue defines it, alone; then once more with the freshness probe polling the read
+        # API (10 queries a second, and one more process on the 2 cores), for workload 3 under load
+        e2e, cpu, _ = workload2("ingest4", probe=False)
         record(f"sustained ingest, 4 processes, {runs:,} runs × {metrics} metrics × {steps:,} steps → queryable",
                total / e2e, "points/s", "≥ 1,000,000", f"{total:,} points in {e2e:.1f} s")
         record("CPU per point, every process (broker, worker, 4 trainers)", cpu / total * 1e6, "µs")
+        e2e_probed, _, fresh = workload2("ingest4-probed", probe=True)
+        record("sustained ingest again, with the freshness probe polling", total / e2e_probed, "points/s",
+               note=f"{total:,} points in {e2e_probed:.1f} s")
         record("freshness p50 under that load", fresh["p50"] * 1000, "ms")
         record("freshness p95 under that load", fresh["p95"] * 1000, "ms", "≤ 1000",
                "the 4 trainers log faster than the pipeline stores: a marker waits behind the backlog")
