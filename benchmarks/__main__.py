@@ -716,16 +716,18 @@ def _bytes_per_point(w) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 11)")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 12)")
     ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files", "dashboards", "mlflow", "training"],
                     help="run one group (mlflow includes training)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the 4-process ingest with py-spy instead (flame graphs in benchmarks/results/profiles/)")
+    ap.add_argument("--no-spy", action="store_true",
+                    help="with --profile: the same ingest on a fresh broker and worker, timed without py-spy attached")
     args = ap.parse_args()
     if args.profile:
         from benchmarks.profile import main as profile
 
-        return profile(100 if args.quick else 1000)
+        return profile(100 if args.quick else 1000, spy=not args.no_spy)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
     from tests.conftest import Broker

@@ -54,13 +54,13 @@ def summarize(path: Path, top: int = 15) -> list[tuple[float, str]]:
     return [(100 * v / max(total, 1), k) for k, v in inclusive.most_common(top)]
 
 
-def main(runs: int = 1000) -> int:
+def main(runs: int = 1000, spy: bool = True) -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
     from benchmarks.__main__ import INGEST, _cpu, _env
     from tests.conftest import Broker, Worker
 
-    exe = _py_spy()
+    exe = _py_spy() if spy else ""
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="runwatch-profile-"))
     broker = Broker(log_dir=tmp).start()
@@ -68,12 +68,13 @@ def main(runs: int = 1000) -> int:
     try:
         env = _env(tmp / "sdk", broker.bootstrap, "prof.", w.api_url)
         total = runs * 10 * 1000
-        console.print(f"profiling the ingest of {total:,} points from 4 processes (py-spy, 100 samples/s)")
+        console.print(f"profiling the ingest of {total:,} points from 4 processes "
+                      + ("(py-spy, 100 samples/s)" if spy else "(no profiler attached)"))
         cpu0 = {"broker": _cpu(broker.proc.pid), "worker": _cpu(w.proc.pid)}
         t0 = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), "10", "1000"], env=env, cwd=ROOT,
                                   stdout=subprocess.PIPE, text=True) for _ in range(4)]
-        spies = _record(exe, w.proc.pid, "worker", 30) + _record(exe, procs[0].pid, "trainer", 30)
+        spies = (_record(exe, w.proc.pid, "worker", 30) + _record(exe, procs[0].pid, "trainer", 30)) if spy else []
         outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
         while w.health()["rows"]["metric_points"] < total:
             time.sleep(0.1)
@@ -86,11 +87,12 @@ def main(runs: int = 1000) -> int:
                 raise SystemExit("py-spy may not attach to processes here (ptrace is not permitted)")
         console.print(f"{total / e2e:,.0f} points/s end to end ({e2e:.1f} s); CPU a point: "
                       + ", ".join(f"{k} {v / total * 1e6:.2f} µs" for k, v in cpu.items()))
-        for name in ("worker", "trainer"):
+        for name in ("worker", "trainer") if spy else ():
             console.rule(f"{name}: share of busy samples each frame was on the stack of")
             for share, frame in summarize(OUT / f"{name}.txt"):
                 console.print(f"  {share:5.1f}%  {frame}", highlight=False)
-        console.print(f"\nflame graphs: {OUT / 'worker.svg'}, {OUT / 'trainer.svg'}")
+        if spy:
+            console.print(f"\nflame graphs: {OUT / 'worker.svg'}, {OUT / 'trainer.svg'}")
     finally:
         w.stop()
         broker.stop()
