@@ -135,10 +135,8 @@ def bench_sdk(quick: bool, broker_bootstrap: str, tmp: Path) -> None:
 def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
     import httpx
 
-    from tests.conftest import Worker
-
     console.rule("Pipeline: log() to queryable in chDB")
-    w = Worker(broker, tmp / "worker", "p1.").start()
+    w = _worker(broker, tmp / "worker", "p1.")
     try:
         secs = 10 if quick else 60
         env = _env(tmp / "h5", broker.bootstrap, "p1.", w.api_url)
@@ -278,8 +276,6 @@ print(json.dumps(out))
 
 
 def bench_submit(quick: bool, broker, tmp: Path) -> None:
-    from tests.conftest import Worker
-
     console.rule("Submitted runs: launch overhead, output capture, cancel")
     src = tmp / "submit-src"
     src.mkdir()
@@ -294,7 +290,7 @@ def bench_submit(quick: bool, broker, tmp: Path) -> None:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-u", str(src / "chatty.py"), str(n)], check=True, stdout=subprocess.DEVNULL)
     alone = n / (time.perf_counter() - t0)
-    w = Worker(broker, tmp / "worker-submit", "s1.").start()
+    w = _worker(broker, tmp / "worker-submit", "s1.")
     try:
         env = dict(_env(tmp / "h8", broker.bootstrap, "s1.", w.api_url), BENCH_SRC=str(src), BENCH_LINES=str(n))
         res = _child(SUBMIT, env)
@@ -324,15 +320,13 @@ print(json.dumps({"size": size, "copy": size / copy, "up": size / up, "down": si
 
 
 def bench_files(quick: bool, broker, tmp: Path) -> None:
-    from tests.conftest import Worker
-
     console.rule("Run files: upload and download through the read API")
     big = tmp / "big.bin"
     mib = 50 if quick else 200
     with open(big, "wb") as fh:
         for _ in range(mib):
             fh.write(os.urandom(1 << 20))
-    w = Worker(broker, tmp / "worker-files", "f1.").start()
+    w = _worker(broker, tmp / "worker-files", "f1.")
     try:
         res = _child(FILES, dict(_env(tmp / "h9", broker.bootstrap, "f1.", w.api_url), BENCH_FILE=str(big)))
     finally:
@@ -477,6 +471,18 @@ print(json.dumps({"points": n, "seconds": time.perf_counter() - t0}))
 '''
 
 
+def _worker(broker, home: Path, prefix: str):
+    """A worker with the product's settings (the tests' Worker checks finished runs' aggregates after 1 s
+    instead of the default 10 s, to keep the tests short); started."""
+    from dataclasses import fields
+
+    from runwatch.settings import Settings
+    from tests.conftest import Worker
+
+    delay = next(f.default for f in fields(Settings) if f.name == "aggregates_check_delay")
+    return Worker(broker, home, prefix, extra_env={"RUNWATCH_AGGREGATES_CHECK_DELAY": str(delay)}).start()
+
+
 def _cpu(pid: int) -> float:
     import psutil
 
@@ -489,7 +495,6 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
 
     from benchmarks.mlflow_side import (BANDWIDTH, LOG_BATCH, PER_CALL as M_PER_CALL, ensure_venv,
                                         run_child)
-    from tests.conftest import Worker
 
     console.rule("Side by side with MLflow (same machine, same run)")
     py = ensure_venv(lambda m: console.print(f"  {m}"))
@@ -512,7 +517,7 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     # 2. sustained ingest from 4 processes, CPU per point; 3. freshness under that load
     runs, metrics, steps = (100, 10, 1000) if quick else (1000, 10, 1000)
     total = runs * metrics * steps
-    w = Worker(broker, tmp / "worker-m", "m2.").start()
+    w = _worker(broker, tmp / "worker-m", "m2.")
 
     def workload2(experiment: str, probe: bool) -> tuple[float, float, dict | None]:
         """4 processes log `total` points; seconds until all are stored, CPU seconds of every process, and
@@ -658,10 +663,9 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
     to the next block (under 10 % of its thread's work at 2 s blocks). Two layouts: everything sharing
     both cores (the embedded stack on the training machine), and the training on core 0 with the broker
     and the worker on core 1 (the stack elsewhere, as in a server deployment)."""
-    from tests.conftest import Worker
 
     console.rule("Training impact: the same loop with and without runwatch")
-    w = Worker(broker, tmp / "worker-t", "t1.").start()
+    w = _worker(broker, tmp / "worker-t", "t1.")
     every = set(range(os.cpu_count() or 1))
     try:
         base = _env(tmp / "t1", broker.bootstrap, "t1.", w.api_url)

@@ -57,14 +57,14 @@ def summarize(path: Path, top: int = 15) -> list[tuple[float, str]]:
 def main(runs: int = 1000, spy: bool = True) -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
-    from benchmarks.__main__ import INGEST, _cpu, _env
-    from tests.conftest import Broker, Worker
+    from benchmarks.__main__ import INGEST, _cpu, _env, _worker
+    from tests.conftest import Broker
 
     exe = _py_spy() if spy else ""
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="runwatch-profile-"))
     broker = Broker(log_dir=tmp).start()
-    w = Worker(broker, tmp / "worker", "prof.").start()
+    w = _worker(broker, tmp / "worker", "prof.")
     try:
         env = _env(tmp / "sdk", broker.bootstrap, "prof.", w.api_url)
         total = runs * 10 * 1000

@@ -355,6 +355,7 @@ class ClickHouseSink:
         self._inserts = 0
         #: finished runs whose aggregates are to be checked against their stored points: run_id -> (due, tries)
         self._to_check: dict[str, tuple[float, int]] = {}
+        self._next_check = 0.0
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -427,7 +428,11 @@ class ClickHouseSink:
                                                     max_records=self.settings.sink_max_batch_events)
                 if batch:
                     await self.process(batch)
-                if self._to_check and min(d for d, _ in self._to_check.values()) <= time.time():
+                now = time.time()
+                if self._to_check and now >= self._next_check and min(d for d, _ in self._to_check.values()) <= now:
+                    # at most once a second: runs finishing one after another are checked together, not
+                    # each with its own query while the sink is busiest
+                    self._next_check = now + 1.0
                     await self._run(self._check_aggregates_safely)
                 await self._update_lag()
                 self.error = None
