@@ -14,9 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from benchmarks import run_json
+from benchmarks import ROOT, run_json
 
-ROOT = Path(__file__).resolve().parent.parent
 console = Console()
 RESULTS: list[dict] = []
 
@@ -474,12 +473,10 @@ print(json.dumps({"points": n, "seconds": time.perf_counter() - t0}))
 def _worker(broker, home: Path, prefix: str):
     """A worker with the product's settings (the tests' Worker checks finished runs' aggregates after 1 s
     instead of the default 10 s, to keep the tests short); started."""
-    from dataclasses import fields
-
     from runwatch.settings import Settings
     from tests.conftest import Worker
 
-    delay = next(f.default for f in fields(Settings) if f.name == "aggregates_check_delay")
+    delay = Settings().aggregates_check_delay
     return Worker(broker, home, prefix, extra_env={"RUNWATCH_AGGREGATES_CHECK_DELAY": str(delay)}).start()
 
 

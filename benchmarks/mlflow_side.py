@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import run_json
+from benchmarks import ROOT, run_json
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-mlflow"
 MLFLOW_VERSION = "3.17.2"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks import ROOT
+
 OUT = ROOT / "benchmarks" / "results" / "profiles"
 console = Console()
 

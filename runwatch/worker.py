@@ -52,7 +52,7 @@ def run(settings: Settings) -> None:
     version = migrate(writer_client)
     reader_client = clickhouse_client(settings)
     procs = Processors(settings, bootstrap)
-    sink = ClickHouseSink(settings, writer_client, bootstrap, lookup=clickhouse_client(settings))
+    sink = ClickHouseSink(settings, writer_client, bootstrap, lookup=reader_client)
     started = time.time()
 
     def health() -> dict[str, Any]:

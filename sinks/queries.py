@@ -44,7 +44,7 @@ def run_row(r: tuple) -> dict[str, Any]:
         "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
         "run_type": run_type, "compute_target": target, "status": status, "created_time": created,
         "start_time": start, "end_time": end, "duration_s": duration,
-        "properties": dict(props), "tags": json.loads(tags_json) if tags_json and tags_json != "{}" else {},
+        "properties": dict(props), "tags": json.loads(tags_json) if tags_json else {},
         "error": json.loads(error) if error else None, "dropped_points": int(dropped),
         "illegal_transitions": int(illegal), "version": int(version),
     }

@@ -332,8 +332,8 @@ class ClickHouseSink:
     def __init__(self, settings: Settings, client, bootstrap: str, group_id: str | None = None, lookup=None):
         self.settings = settings
         self.client = client
-        #: a second client (on chDB: its own handle) for the build thread's lookups, which would otherwise
-        #: wait for the insert thread's hold on the first
+        #: another client (on chDB: its own handle; the worker passes the read API's) for the build thread's
+        #: lookups, which would otherwise wait for the insert thread's hold on the first
         self.lookup = lookup or client
         self.bootstrap = bootstrap
         self.group_id = group_id or f"{settings.topic_prefix}sink"
