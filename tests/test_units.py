@@ -292,3 +292,42 @@ def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
     assert "checking finished runs' aggregates failed" in caplog.text
     assert list(sink._to_check) == ["r1"] and sink._to_check["r1"][1] == 1  # r2 had its 5 tries
     assert sink._to_check["r1"][0] >= time.time() + 4
+
+
+def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypatch):
+    """A store written by an earlier runwatch (schema 2, metric_points in ZSTD) takes the later migrations
+    on the worker's next start: its points stay, new parts are written with LZ4, and migrating again does
+    nothing."""
+    import clickhouse_connect
+
+    import sinks.schema as schema
+    from sinks.writer import RowBuilder, insert_arrow
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    every = schema.MIGRATIONS
+    monkeypatch.setattr(schema, "MIGRATIONS", [m for m in every if m[0] <= 2])
+    assert schema.migrate(client) == 2
+
+    def store(run_id: str) -> None:
+        builder = RowBuilder()
+        batch = MetricBatch.from_arrays([MetricName(name="loss", kind="scalar", dtype="float")], np.zeros(3, np.uint32), np.arange(3),
+                                        1_700_000_000_000_000 + np.arange(3), np.array([3.0, 2.0, 1.0]))
+        builder.add(make_envelope(run_id, "exp", batch, 1))
+        insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], {"async_insert": 0})
+
+    def codec(column: str) -> str:
+        return client.query("SELECT compression_codec FROM system.columns WHERE database = 'runwatch' AND "
+                            "table = 'metric_points' AND name = {c:String}", parameters={"c": column}).result_rows[0][0]
+
+    store("old")
+    assert codec("value") == "CODEC(ZSTD(1))"
+    monkeypatch.setattr(schema, "MIGRATIONS", every)
+    assert schema.migrate(client) == schema.LATEST == 3
+    assert schema.migrate(client) == 3  # applied once
+    assert [r[0] for r in client.query("SELECT version FROM runwatch.schema_migrations ORDER BY version")
+            .result_rows] == [1, 2, 3]
+    assert (codec("value"), codec("step"), codec("run_id")) == ("CODEC(LZ4)", "CODEC(Delta(8), LZ4)", "CODEC(LZ4)")
+    store("new")
+    rows = client.query("SELECT run_id, groupArray(value) FROM (SELECT run_id, value FROM runwatch.metric_points "
+                        "ORDER BY run_id, step) GROUP BY run_id ORDER BY run_id").result_rows
+    assert rows == [("new", [3.0, 2.0, 1.0]), ("old", [3.0, 2.0, 1.0])]
