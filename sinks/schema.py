@@ -72,10 +72,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             content_type LowCardinality(String), origin LowCardinality(String), ts DateTime64(6, 'UTC')
         ) ENGINE = ReplacingMergeTree(ts) ORDER BY (run_id, name) {DEDUP}""",
     ]),
-    # ZSTD(1) made the sink's inserts and ClickHouse's merges of metric_points 11 % of the worker's CPU a
-    # point dearer (0.83-0.90 vs 0.74-0.78 µs, 4-process ingest) for 1.2 instead of 2.2 bytes a point:
-    # CPU bounds the ingest, disk does not (docs/performance.md). Parts written before keep their codec
-    # until merged.
+    # ZSTD(1) made the sink's inserts and ClickHouse's merges of metric_points dearer: the worker's CPU a
+    # point 0.83 µs with it, 0.725 with LZ4 (means of 4 alternated runs of the 4-process ingest; LZ4 lower
+    # in each pair), for 1.15 instead of 2.15 bytes a point of that load. CPU bounds the ingest, disk does
+    # not (docs/performance.md). Parts written before keep their codec until merged.
     (3, "metric_points compressed with LZ4: less CPU a point for the ingest", [
         """ALTER TABLE metric_points
             MODIFY COLUMN run_id String CODEC(LZ4),
