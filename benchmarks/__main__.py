@@ -185,27 +185,38 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
 
 
 FRESHNESS = r'''
-import json, time, httpx, os
+import json, os, time, httpx
 from runwatch import Workspace, Experiment
+# a marker every 100 ms for BENCH_FRESH_SECONDS, whether or not the earlier ones are visible yet (the issue's
+# workload 3); the read API is polled 10 times a second, and a marker's latency is the time from its log()
+# to the first poll that shows it (so the figures are up to 100 ms coarse)
+seconds = float(os.environ.get("BENCH_FRESH_SECONDS", "5"))
 run = Experiment(Workspace.from_config(), "fresh").start_logging()
 api = os.environ["RUNWATCH_API_URL"]
 http = httpx.Client(timeout=10)  # one kept connection, as a dashboard or the widget keeps theirs
-lat = []
-for i in range(30):
-    t0 = time.perf_counter()
-    run.log("marker", float(i))
-    while True:
-        r = http.get(f"{api}/api/runs/{run.id}/metrics", params={"name": "marker"})
-        if r.status_code == 200:
-            m = r.json().get("marker")
-            n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
-            if n == i + 1:
-                break
-        time.sleep(0.1)  # 10 polls a second: the resolution; each poll is a query the worker answers
-    lat.append(time.perf_counter() - t0)
-    time.sleep(0.1)
+sent, lat = [], []
+t0 = time.perf_counter()
+tick = 0
+while True:
+    now = time.perf_counter()
+    if now - t0 < seconds:
+        sent.append(time.perf_counter())
+        run.log("marker", float(len(sent) - 1))
+    r = http.get(f"{api}/api/runs/{run.id}/metrics", params={"name": "marker"})
+    seen = time.perf_counter()
+    if r.status_code == 200:
+        m = r.json().get("marker")
+        n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
+        lat.extend(seen - t for t in sent[len(lat):n])
+    if now - t0 >= seconds and len(lat) == len(sent):
+        break
+    if now - t0 > seconds + 300:
+        raise SystemExit(f"only {len(lat)} of {len(sent)} markers visible 300 s after the last was logged")
+    tick += 1
+    time.sleep(max(0.0, t0 + tick * 0.1 - time.perf_counter()))
+run.complete()
 lat.sort()
-print(json.dumps({"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)]}))
+print(json.dumps({"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1], "markers": len(lat)}))
 '''
 
 LOAD = r'''
@@ -516,20 +527,21 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     total = runs * metrics * steps
     w = _worker(broker, tmp / "worker-m", "m2.")
 
-    def workload2(experiment: str, probe: bool) -> tuple[float, float, dict | None]:
+    def workload2(experiment: str, probe: float = 0.0) -> tuple[float, float, dict | None]:
         """4 processes log `total` points; seconds until all are stored, CPU seconds of every process, and
-        (probe) the freshness markers' latencies measured meanwhile."""
+        (probe: for how many seconds) the freshness markers' latencies measured meanwhile."""
         env = dict(_env(tmp / "m2", broker.bootstrap, "m2.", w.api_url), BENCH_EXPERIMENT=experiment)
         stored0 = w.health()["rows"].get("metric_points", 0)
         cpu0 = _cpu(broker.proc.pid) + _cpu(w.proc.pid)
         t0 = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), str(metrics), str(steps)], env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
-        fresh_proc = subprocess.Popen([sys.executable, "-c", FRESHNESS], env=_env(tmp / "m3", broker.bootstrap, "m2.",
-                                                                                  w.api_url),
+        fresh_proc = subprocess.Popen([sys.executable, "-c", FRESHNESS],
+                                      env=dict(_env(tmp / "m3", broker.bootstrap, "m2.", w.api_url),
+                                               BENCH_FRESH_SECONDS=str(probe)),
                                       cwd=ROOT, stdout=subprocess.PIPE, text=True) if probe else None
         outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
-        # done when the points are stored (the freshness markers, 30 at most, are counted too: < 0.001%);
+        # done when the points are stored (the freshness markers, ~100, are counted too: < 0.001%);
         # the freshness process may still be waiting for its last markers, and is not waited for here
         while w.health()["rows"]["metric_points"] < stored0 + total:
             time.sleep(0.1)
@@ -542,26 +554,31 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
         env = _env(tmp / "m2", broker.bootstrap, "m2.", w.api_url)
         # workload 2 as the issue defines it, alone; then once more with the freshness probe polling the read
         # API (10 queries a second, and one more process on the 2 cores), for workload 3 under load
-        e2e, cpu, _ = workload2("ingest4", probe=False)
+        e2e, cpu, _ = workload2("ingest4")
         record(f"sustained ingest, 4 processes, {runs:,} runs × {metrics} metrics × {steps:,} steps → queryable",
                total / e2e, "points/s", "≥ 1,000,000", f"{total:,} points in {e2e:.1f} s")
         record("CPU per point, every process (broker, worker, 4 trainers)", cpu / total * 1e6, "µs")
-        e2e_probed, _, fresh = workload2("ingest4-probed", probe=True)
+        # markers for as long as the load alone took: every marker is logged while the trainers run or their
+        # backlog drains
+        e2e_probed, _, fresh = workload2("ingest4-probed", probe=e2e)
         record("sustained ingest again, with the freshness probe polling", total / e2e_probed, "points/s",
                note=f"{total:,} points in {e2e_probed:.1f} s")
         record("freshness p50 under that load", fresh["p50"] * 1000, "ms")
         record("freshness p95 under that load", fresh["p95"] * 1000, "ms", "≤ 1000",
-               "the 4 trainers log faster than the pipeline stores: a marker waits behind the backlog")
-        # the same at a set rate the pipeline keeps up with: latency without a backlog
-        paced_rate = 0.5 * total / e2e
-        procs = [subprocess.Popen([sys.executable, "-c", PACED, str(paced_rate / 4), "20"], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
-        fresh = _child(FRESHNESS, _env(tmp / "m5", broker.bootstrap, "m2.", w.api_url))
-        paced = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
-        achieved = sum(o["points"] / o["seconds"] for o in paced)
-        record(f"freshness p50 under a paced load ({achieved:,.0f} points/s from 4 processes, half the rate above)",
-               fresh["p50"] * 1000, "ms")
-        record("freshness p95 under the paced load", fresh["p95"] * 1000, "ms", "≤ 1000")
+               f"{fresh['markers']} markers over {e2e:.1f} s, the slowest {fresh['max']:.1f} s: the 4 trainers log "
+               "faster than the pipeline stores, and a marker waits behind the backlog")
+        # the same at set rates, fractions of the rate above: the highest sustained load freshness holds at
+        for fraction in (0.5,) if quick else (0.5, 0.7, 0.85):
+            procs = [subprocess.Popen([sys.executable, "-c", PACED, str(fraction * total / e2e / 4), "20"], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+            fresh = _child(FRESHNESS, dict(_env(tmp / "m5", broker.bootstrap, "m2.", w.api_url),
+                                           BENCH_FRESH_SECONDS="15"))
+            paced = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+            achieved = sum(o["points"] / o["seconds"] for o in paced)
+            record(f"freshness p50 under a paced load of {achieved:,.0f} points/s ({fraction:.0%} of the rate above, "
+                   "4 processes)", fresh["p50"] * 1000, "ms")
+            record(f"freshness p95 under that paced load ({fraction:.0%})", fresh["p95"] * 1000, "ms", "≤ 1000",
+                   f"{fresh['markers']} markers, the slowest {fresh['max'] * 1000:,.0f} ms")
         # 4. the cross-run query on this data
         lat = []
         http = httpx.Client(timeout=60)  # kept, as the SDK's client keeps it: a new httpx client costs ~18 ms
@@ -668,9 +685,14 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
         base = _env(tmp / "t1", broker.bootstrap, "t1.", w.api_url)
         base.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core a loop
         pairs = 4 if quick else 8
-        # (matrix size, steps a block): a 384x384 step takes ~2 ms (2 s blocks), a 64x64 one ~15 µs (1 s)
-        sizes = ((384, 300 if quick else 1_000), (64, 30_000 if quick else 65_000))
+        # (matrix size, steps a block): a 384x384 step takes ~2 ms (2 s blocks), 192x192 ~390 µs, 128x128
+        # ~95 µs, 64x64 ~17 µs (~1.1 s blocks). Each step logs 10 points, so the shorter the step, the larger
+        # the share of its time that any in-process logging takes: the sweep shows where the 1 % is crossed.
+        sizes = ((384, 300 if quick else 1_000), (192, 1_000 if quick else 3_000), (128, 4_000 if quick else 12_000),
+                 (64, 30_000 if quick else 65_000))
         for layout in ("shared", "pinned"):
+            if layout == "pinned":
+                sizes = (sizes[0], sizes[-1])
             env = dict(base)
             if layout == "pinned" and len(every) > 1:
                 for pid in (broker.proc.pid, w.proc.pid):
