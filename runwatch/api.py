@@ -137,10 +137,13 @@ class ReadApi:
         return self._json(await self._get_run(request.match_info["run_id"]))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        run_id = request.match_info["run_id"]
-        await self._get_run(run_id)
-        return self._json(await self._q(self.queries.metrics, run_id, request.query.get("name"),
-                                        _bool(request.query.get("recursive"))))
+        run_id, recursive = request.match_info["run_id"], _bool(request.query.get("recursive"))
+        found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive)
+        if not (any(found.values()) if recursive else found):
+            # no points: an unknown run is a 404. Looked up only then: a widget or a probe polling a live
+            # run's metrics would pay a second query per poll (docs/performance.md)
+            await self._get_run(run_id)
+        return self._json(found)
 
     async def run_aggregates(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]

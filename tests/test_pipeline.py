@@ -244,6 +244,12 @@ def test_hostile_strings_do_no_harm(stack_env):
     bad = httpx.get(f"{worker.api_url}/api/runs", params={"sort": "max; DROP TABLE x", "sort_metric": "a"})
     assert bad.status_code == 400 and "sort must be one of" in bad.json()["error"]
     assert httpx.get(f"{worker.api_url}/api/runs/{HOSTILE[1]}").status_code == 404
+    # the metrics of an unknown run: a 404 too (the run is looked up only when no points are found)
+    for recursive in ("false", "true"):
+        r = httpx.get(f"{worker.api_url}/api/runs/{HOSTILE[1]}/metrics", params={"recursive": recursive})
+        assert r.status_code == 404 and "no run" in r.json()["error"]
+    assert worker.get(f"/api/runs/{run.id}/metrics", name="never logged") == {}  # a known run, no such metric
+    assert worker.get(f"/api/runs/{run.id}/metrics", name="never logged", recursive="true") == {run.id: {}}
     assert worker.health()["rows"]["runs"] >= 1  # the table is still there
 
 
