@@ -296,8 +296,8 @@ def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
 
 def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypatch):
     """A store written by an earlier runwatch (schema 2, metric_points in ZSTD) takes the later migrations
-    on the worker's next start: its points stay, new parts are written with LZ4, and migrating again does
-    nothing."""
+    on the worker's next start: its points stay readable, the columns' codec becomes LZ4, new points are
+    stored beside the old ones, and migrating again does nothing."""
     import clickhouse_connect
 
     import sinks.schema as schema
@@ -310,14 +310,16 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
 
     def store(run_id: str) -> None:
         builder = RowBuilder()
-        batch = MetricBatch.from_arrays([MetricName(name="loss", kind="scalar", dtype="float")], np.zeros(3, np.uint32), np.arange(3),
+        loss = MetricName(name="loss", kind="scalar", dtype="float")
+        batch = MetricBatch.from_arrays([loss], np.zeros(3, np.uint32), np.arange(3),
                                         1_700_000_000_000_000 + np.arange(3), np.array([3.0, 2.0, 1.0]))
         builder.add(make_envelope(run_id, "exp", batch, 1))
         insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], {"async_insert": 0})
 
     def codec(column: str) -> str:
         return client.query("SELECT compression_codec FROM system.columns WHERE database = 'runwatch' AND "
-                            "table = 'metric_points' AND name = {c:String}", parameters={"c": column}).result_rows[0][0]
+                            "table = 'metric_points' AND name = {c:String}",
+                            parameters={"c": column}).result_rows[0][0]
 
     store("old")
     assert codec("value") == "CODEC(ZSTD(1))"
