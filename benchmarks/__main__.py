@@ -143,12 +143,7 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
         t0 = time.perf_counter()
         res = _child(THROUGHPUT, env)
         n = res["points"] - res["dropped"]  # a point the buffer could not keep is counted, never stored
-
-        def stored() -> int:
-            return w.health()["rows"]["metric_points"]
-
-        while stored() < n:
-            time.sleep(0.2)
+        _wait_stored(w, n)
         e2e = time.perf_counter() - t0
         record(f"sustained points/s, log() → queryable in chDB ({secs} s of logging)", n / e2e, "points/s",
                "≥ 1,000,000", f"{n:,} points in {e2e:.1f} s; {res['dropped']:,} dropped by the hot buffer (counted)")
@@ -200,7 +195,7 @@ tick = 0
 while True:
     now = time.perf_counter()
     if now - t0 < seconds:
-        sent.append(time.perf_counter())
+        sent.append(now)
         run.log("marker", float(len(sent) - 1))
     r = http.get(f"{api}/api/runs/{run.id}/metrics", params={"name": "marker"})
     seen = time.perf_counter()
@@ -498,6 +493,35 @@ def _cpu(pid: int) -> float:
     return t.user + t.system
 
 
+def _stored(w) -> int:
+    return w.health()["rows"].get("metric_points", 0)
+
+
+def _wait_stored(w, n: int) -> None:
+    """Until the worker has stored at least `n` points."""
+    while _stored(w) < n:
+        time.sleep(0.1)
+
+
+def ingest4(broker, w, env: dict[str, str], runs: int, metrics: int = 10, steps: int = 1000,
+            started=None) -> tuple[float, dict[str, float]]:
+    """Workload 2: 4 trainer processes log runs × metrics × steps points; the seconds until all of them are
+    stored, and the CPU seconds the broker, the worker and the trainers spent meanwhile. `started` is
+    called with the trainer processes as soon as they run (the profiler attaches to them)."""
+    stored0 = _stored(w)
+    cpu0 = {"broker": _cpu(broker.proc.pid), "worker": _cpu(w.proc.pid)}
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), str(metrics), str(steps)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    if started is not None:
+        started(procs)
+    outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
+    _wait_stored(w, stored0 + runs * metrics * steps)
+    e2e = time.perf_counter() - t0
+    return e2e, {"broker": _cpu(broker.proc.pid) - cpu0["broker"], "worker": _cpu(w.proc.pid) - cpu0["worker"],
+                 "trainers": sum(o["cpu_s"] for o in outs)}
+
+
 def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     import httpx
 
@@ -531,24 +555,20 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
         """4 processes log `total` points; seconds until all are stored, CPU seconds of every process, and
         (probe: for how many seconds) the freshness markers' latencies measured meanwhile."""
         env = dict(_env(tmp / "m2", broker.bootstrap, "m2.", w.api_url), BENCH_EXPERIMENT=experiment)
-        stored0 = w.health()["rows"].get("metric_points", 0)
-        cpu0 = _cpu(broker.proc.pid) + _cpu(w.proc.pid)
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), str(metrics), str(steps)], env=env,
-                                  cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
-        fresh_proc = subprocess.Popen([sys.executable, "-c", FRESHNESS],
-                                      env=dict(_env(tmp / "m3", broker.bootstrap, "m2.", w.api_url),
-                                               BENCH_FRESH_SECONDS=str(probe)),
-                                      cwd=ROOT, stdout=subprocess.PIPE, text=True) if probe else None
-        outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
+        fresh_proc = None
+
+        def probe_along(_procs) -> None:
+            nonlocal fresh_proc
+            fresh_proc = subprocess.Popen([sys.executable, "-c", FRESHNESS],
+                                          env=dict(_env(tmp / "m3", broker.bootstrap, "m2.", w.api_url),
+                                                   BENCH_FRESH_SECONDS=str(probe)),
+                                          cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
         # done when the points are stored (the freshness markers, ~100, are counted too: < 0.001%);
-        # the freshness process may still be waiting for its last markers, and is not waited for here
-        while w.health()["rows"]["metric_points"] < stored0 + total:
-            time.sleep(0.1)
-        e2e = time.perf_counter() - t0
-        cpu = _cpu(broker.proc.pid) + _cpu(w.proc.pid) - cpu0 + sum(o["cpu_s"] for o in outs)
+        # the freshness process may still be waiting for its last markers, and is not waited for by it
+        e2e, cpu = ingest4(broker, w, env, runs, metrics, steps, started=probe_along if probe else None)
         fresh = json.loads(fresh_proc.communicate(timeout=600)[0].strip().splitlines()[-1]) if probe else None
-        return e2e, cpu, fresh
+        return e2e, sum(cpu.values()), fresh
 
     try:
         env = _env(tmp / "m2", broker.bootstrap, "m2.", w.api_url)
@@ -569,7 +589,7 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
                "faster than the pipeline stores, and a marker waits behind the backlog")
         # the same at set rates, fractions of the rate above: the highest sustained load freshness holds at
         for fraction in (0.5,) if quick else (0.5, 0.7, 0.85):
-            stored0 = w.health()["rows"]["metric_points"]
+            stored0 = _stored(w)
             procs = [subprocess.Popen([sys.executable, "-c", PACED, str(fraction * total / e2e / 4), "20"], env=env,
                                       cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(4)]
             fresh = _child(FRESHNESS, dict(_env(tmp / "m5", broker.bootstrap, "m2.", w.api_url),
@@ -577,8 +597,7 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
             paced = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
             achieved = sum(o["points"] / o["seconds"] for o in paced)
             # the next measurement starts once this load is stored, not while its backlog still drains
-            while w.health()["rows"]["metric_points"] < stored0 + sum(o["points"] for o in paced) + fresh["markers"]:
-                time.sleep(0.1)
+            _wait_stored(w, stored0 + sum(o["points"] for o in paced) + fresh["markers"])
             record(f"freshness p50 under a paced load of {achieved:,.0f} points/s ({fraction:.0%} of the rate above, "
                    "4 processes)", fresh["p50"] * 1000, "ms")
             record(f"freshness p95 under that paced load ({fraction:.0%})", fresh["p95"] * 1000, "ms", "≤ 1000",
@@ -689,17 +708,15 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
     try:
         base = _env(tmp / "t1", broker.bootstrap, "t1.", w.api_url)
         base.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core a loop
-        # 2 ms steps, where the loss is near the goal, get 16 pairs: a pair's loss varies by ±2 % (the
-        # machine), and the median of 8 still moved by ±0.5 % from run to run
-        pairs = {384: 4 if quick else 16}
-        # (matrix size, steps a block): a 384x384 step takes ~2 ms (2 s blocks), 192x192 ~390 µs, 128x128
-        # ~95 µs, 64x64 ~17 µs (~1.1 s blocks). Each step logs 10 points, so the shorter the step, the larger
-        # the share of its time that any in-process logging takes: the sweep shows where the 1 % is crossed.
-        sizes = ((384, 300 if quick else 1_000), (192, 1_000 if quick else 3_000), (128, 4_000 if quick else 12_000),
-                 (64, 30_000 if quick else 65_000))
-        for layout in ("shared", "pinned"):
-            if layout == "pinned":
-                sizes = (sizes[0], sizes[-1])
+        # (matrix size, steps a block, pairs): a 384x384 step takes ~2 ms (2 s blocks), 192x192 ~390 µs,
+        # 128x128 ~95 µs, 64x64 ~17 µs (~1.1 s blocks). Each step logs 10 points, so the shorter the step, the
+        # larger the share of its time that any in-process logging takes: the sweep shows where the 1 % is
+        # crossed. 2 ms steps, where the loss is near the goal, get 16 pairs: a pair's loss varies by ±2 %
+        # (the machine), and the median of 8 still moved by ±0.5 % from run to run.
+        few = 4 if quick else 8
+        sizes = ((384, 300 if quick else 1_000, 4 if quick else 16), (192, 1_000 if quick else 3_000, few),
+                 (128, 4_000 if quick else 12_000, few), (64, 30_000 if quick else 65_000, few))
+        for layout, chosen in (("shared", sizes), ("pinned", (sizes[0], sizes[-1]))):
             env = dict(base)
             if layout == "pinned" and len(every) > 1:
                 for pid in (broker.proc.pid, w.proc.pid):
@@ -707,8 +724,7 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
                 env["BENCH_CPU"] = "0"
             where = ("broker and worker on the same 2 cores" if layout == "shared"
                      else "training on core 0, broker and worker on core 1")
-            for size, n in sizes:
-                k = pairs.get(size, 4 if quick else 8)
+            for size, n, k in chosen:
                 rw = _child(TRAINING, env, args=(n, k, "runwatch", size))
                 fl = _child(TRAINING, env, args=(n, k, "floor", size))
                 record(f"training loss with runwatch, 10 metrics a step ({size}x{size} matmul, "
@@ -716,8 +732,7 @@ def bench_training(quick: bool, broker, tmp: Path) -> None:
                        f"median of {k} alternated pairs of {n:,}-step blocks (pairs from "
                        f"{100 * rw['losses'][0]:.1f} to {100 * rw['losses'][-1]:.1f}%, the middle half from "
                        f"{100 * rw['losses'][k // 4]:.1f} to {100 * rw['losses'][(3 * k) // 4 - 1]:.1f}%); "
-                       "appending the 10 values to a "
-                       f"list instead: {100 * fl['loss']:.1f}% ({where})")
+                       f"appending the 10 values to a list instead: {100 * fl['loss']:.1f}% ({where})")
     finally:
         for pid in (broker.proc.pid, w.proc.pid):
             _pin(pid, every)

@@ -8,12 +8,10 @@ spent per point and each profile's heaviest frames. Flame graphs (SVG) go to ben
 from __future__ import annotations
 
 import collections
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -58,7 +56,7 @@ def summarize(path: Path, top: int = 15) -> list[tuple[float, str]]:
 def main(runs: int = 1000, spy: bool = True) -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
-    from benchmarks.__main__ import INGEST, _cpu, _env, _worker
+    from benchmarks.__main__ import _env, _worker, ingest4
     from tests.conftest import Broker
 
     exe = _py_spy() if spy else ""
@@ -71,17 +69,12 @@ def main(runs: int = 1000, spy: bool = True) -> int:
         total = runs * 10 * 1000
         console.print(f"profiling the ingest of {total:,} points from 4 processes "
                       + ("(py-spy, 100 samples/s)" if spy else "(no profiler attached)"))
-        cpu0 = {"broker": _cpu(broker.proc.pid), "worker": _cpu(w.proc.pid)}
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(runs // 4), "10", "1000"], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
-        spies = (_record(exe, w.proc.pid, "worker", 30) + _record(exe, procs[0].pid, "trainer", 30)) if spy else []
-        outs = [json.loads(p.communicate(timeout=1800)[0].strip().splitlines()[-1]) for p in procs]
-        while w.health()["rows"]["metric_points"] < total:
-            time.sleep(0.1)
-        e2e = time.perf_counter() - t0
-        cpu = {"broker": _cpu(broker.proc.pid) - cpu0["broker"], "worker": _cpu(w.proc.pid) - cpu0["worker"],
-               "trainers": sum(o["cpu_s"] for o in outs)}
+        spies: list[subprocess.Popen] = []
+
+        def attach(procs) -> None:  # py-spy samples the worker and the first trainer from outside
+            spies.extend(_record(exe, w.proc.pid, "worker", 30) + _record(exe, procs[0].pid, "trainer", 30))
+
+        e2e, cpu = ingest4(broker, w, env, runs, started=attach if spy else None)
         for s in spies:
             _, err = s.communicate(timeout=120)
             if s.returncode and b"Permission" in err:
