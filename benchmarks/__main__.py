@@ -155,6 +155,8 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
         fresh = _child(FRESHNESS, _env(tmp / "h6", broker.bootstrap, "p1.", w.api_url))
         record("freshness p50", fresh["p50"] * 1000, "ms")
         record("freshness p95", fresh["p95"] * 1000, "ms", "≤ 1000")
+        record("freshness p95, stored points alone (stored=true: what Grafana shows)",
+               fresh["stored_p95"] * 1000, "ms", note=f"p50 {fresh['stored_p50'] * 1000:,.0f} ms")
 
         console.rule("Query: max, min, last of one metric across 1,000 runs")
         runs, steps = (1000, 1000) if quick else (1000, 10000)
@@ -184,34 +186,46 @@ import json, os, time, httpx
 from runwatch import Workspace, Experiment
 # a marker every 100 ms for BENCH_FRESH_SECONDS, whether or not the earlier ones are visible yet (the issue's
 # workload 3); the read API is polled 10 times a second, and a marker's latency is the time from its log()
-# to the first poll that shows it (so the figures are up to 100 ms coarse)
+# to the first poll that shows it (so the figures are up to 100 ms coarse). Each tick polls twice: as a
+# widget reads (stored points and the live tail) and with stored=true (what is in ClickHouse, as Grafana
+# shows it).
 seconds = float(os.environ.get("BENCH_FRESH_SECONDS", "5"))
 run = Experiment(Workspace.from_config(), "fresh").start_logging()
 api = os.environ["RUNWATCH_API_URL"]
 http = httpx.Client(timeout=10)  # one kept connection, as a dashboard or the widget keeps theirs
-sent, lat = [], []
+sent, lat, lat_stored = [], [], []
 t0 = time.perf_counter()
 tick = 0
+
+
+def poll(got, **params):
+    r = http.get(f"{api}/api/runs/{run.id}/metrics", params=dict(name="marker", **params))
+    seen = time.perf_counter()
+    if r.status_code == 200:
+        m = r.json().get("marker")
+        n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
+        got.extend(seen - t for t in sent[len(got):n])
+
+
 while True:
     now = time.perf_counter()
     if now - t0 < seconds:
         sent.append(now)
         run.log("marker", float(len(sent) - 1))
-    r = http.get(f"{api}/api/runs/{run.id}/metrics", params={"name": "marker"})
-    seen = time.perf_counter()
-    if r.status_code == 200:
-        m = r.json().get("marker")
-        n = 0 if m is None else (len(m) if isinstance(m, list) else 1)
-        lat.extend(seen - t for t in sent[len(lat):n])
-    if now - t0 >= seconds and len(lat) == len(sent):
+    poll(lat)
+    poll(lat_stored, stored="true")
+    if now - t0 >= seconds and len(lat) == len(sent) and len(lat_stored) == len(sent):
         break
     if now - t0 > seconds + 300:
-        raise SystemExit(f"only {len(lat)} of {len(sent)} markers visible 300 s after the last was logged")
+        raise SystemExit(f"only {len(lat_stored)} of {len(sent)} markers stored 300 s after the last was logged")
     tick += 1
     time.sleep(max(0.0, t0 + tick * 0.1 - time.perf_counter()))
 run.complete()
 lat.sort()
-print(json.dumps({"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1], "markers": len(lat)}))
+lat_stored.sort()
+print(json.dumps({"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1], "markers": len(lat),
+                  "stored_p50": lat_stored[len(lat) // 2], "stored_p95": lat_stored[int(len(lat) * 0.95)],
+                  "stored_max": lat_stored[-1]}))
 '''
 
 LOAD = r'''
@@ -585,8 +599,12 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
                note=f"{total:,} points in {e2e_probed:.1f} s")
         record("freshness p50 under that load", fresh["p50"] * 1000, "ms")
         record("freshness p95 under that load", fresh["p95"] * 1000, "ms", "≤ 1000",
-               f"{fresh['markers']} markers over {e2e:.1f} s, the slowest {fresh['max']:.1f} s: the 4 trainers log "
-               "faster than the pipeline stores, and a marker waits behind the backlog")
+               f"{fresh['markers']} markers over {e2e:.1f} s, the slowest {fresh['max'] * 1000:,.0f} ms: the read API "
+               "shows the watched run's points from the broker (the live tail) while the sink is behind")
+        record("freshness p95 under that load, stored points alone (stored=true: what Grafana shows)",
+               fresh["stored_p95"] * 1000, "ms",
+               note=f"p50 {fresh['stored_p50'] * 1000:,.0f} ms, the slowest {fresh['stored_max']:.1f} s: the 4 "
+                    "trainers log faster than the pipeline stores, and every run's points wait behind the backlog")
         # the same at set rates, fractions of the rate above: the highest sustained load freshness holds at
         for fraction in (0.5,) if quick else (0.5, 0.7, 0.85):
             stored0 = _stored(w)
@@ -601,7 +619,8 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
             record(f"freshness p50 under a paced load of {achieved:,.0f} points/s ({fraction:.0%} of the rate above, "
                    "4 processes)", fresh["p50"] * 1000, "ms")
             record(f"freshness p95 under that paced load ({fraction:.0%})", fresh["p95"] * 1000, "ms", "≤ 1000",
-                   f"{fresh['markers']} markers, the slowest {fresh['max'] * 1000:,.0f} ms")
+                   f"{fresh['markers']} markers, the slowest {fresh['max'] * 1000:,.0f} ms; stored points alone "
+                   f"p50 / p95 {fresh['stored_p50'] * 1000:,.0f} / {fresh['stored_p95'] * 1000:,.0f} ms")
         # 4. the cross-run query on this data
         lat = []
         http = httpx.Client(timeout=60)  # kept, as the SDK's client keeps it: a new httpx client costs ~18 ms

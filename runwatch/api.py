@@ -31,8 +31,10 @@ def _bool(value: str | None) -> bool:
 
 class ReadApi:
     def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], settings: Settings,
-                 files: FileStore, snapshots: FileStore):
+                 files: FileStore, snapshots: FileStore, live=None):
         self.queries = queries
+        #: the worker's live tail (sinks/live.py): `live.pending(run_ids)`; None reads what is stored only
+        self.live = live
         self.health_fn = health
         self.settings = settings
         self.token = settings.api_token
@@ -138,7 +140,9 @@ class ReadApi:
 
     async def metrics(self, request: web.Request) -> web.Response:
         run_id, recursive = request.match_info["run_id"], _bool(request.query.get("recursive"))
-        found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive)
+        # stored=true: what ClickHouse holds, nothing from the live tail (and the run is not watched)
+        live = None if self.live is None or _bool(request.query.get("stored")) else self.live.pending
+        found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive, live)
         if not (any(found.values()) if recursive else found):
             # no points: an unknown run is a 404. Looked up only then: a widget or a probe polling a live
             # run's metrics would pay a second query per poll (docs/performance.md)

@@ -96,6 +96,13 @@ class Settings:
     #: Event bytes (decompressed) per sink insert: a fetch is written in chunks of this size, each with its
     #: own offset commit (16 MiB: about 600 k points).
     sink_max_batch_bytes: int = 16 << 20
+    #: The read API shows a watched run's newest points from the stream before the sink has stored them
+    #: (sinks/live.py): a run read in the last `live_watch_seconds` is watched, at most `live_max_runs` at
+    #: once, each holding at most `live_max_points` points not stored yet (past that, reads show the stored
+    #: points alone until the sink catches up). live_max_runs = 0 turns the tail off.
+    live_watch_seconds: float = 30.0
+    live_max_runs: int = 100
+    live_max_points: int = 1_000_000
     #: Seconds after a run finished when the sink checks its running aggregates against its stored points
     #: (and recomputes them from the points if the processors skipped a batch after a crash).
     aggregates_check_delay: float = 10.0

@@ -31,6 +31,7 @@ def run(settings: Settings) -> None:
     from processors.app import Processors
     from producers.emitter import ensure_topics
     from sinks.files import FileStore
+    from sinks.live import LiveTail
     from sinks.queries import Queries
     from sinks.schema import migrate
     from sinks.writer import ClickHouseSink
@@ -53,6 +54,8 @@ def run(settings: Settings) -> None:
     reader_client = clickhouse_client(settings)
     procs = Processors(settings, bootstrap)
     sink = ClickHouseSink(settings, writer_client, bootstrap, lookup=reader_client)
+    live = (LiveTail(settings, bootstrap, sink.stored_offset, sink.metrics_partitions)
+            if settings.live_max_runs > 0 else None)
     started = time.time()
 
     def health() -> dict[str, Any]:
@@ -71,11 +74,12 @@ def run(settings: Settings) -> None:
                      "aggregates_checked": sink.stats.aggregates_checked,
                      "aggregates_repaired": sink.stats.aggregates_repaired,
                      "retries": sink.stats.insert_retries},
+            "live": live.health() if live is not None else None,
             "broker": bootstrap,
         }
 
     api = ReadApi(Queries(reader_client), health, settings, FileStore(settings.files_root() / "runs"),
-                  FileStore(settings.files_root() / "snapshots"))
+                  FileStore(settings.files_root() / "snapshots"), live)
     state_file = settings.home / "worker.json"
 
     @procs.app.task
@@ -83,6 +87,8 @@ def run(settings: Settings) -> None:
         port = await api.start(settings.api_host, settings.api_port)
         write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
         asyncio.ensure_future(sink.run_forever())
+        if live is not None:
+            asyncio.ensure_future(live.run_forever())
         _quiet_gc()
 
     try:

@@ -251,26 +251,35 @@ class Queries:
                 "last": last_text if last_text and (last != last) else last, "last_step": int(last_step)}
         return out
 
-    def metrics(self, run_id: str, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
-        """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants."""
+    def metrics(self, run_id: str, name: str | None = None, recursive: bool = False, live=None) -> dict[str, Any]:
+        """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants.
+
+        `live(run_ids)` (the worker's live tail, sinks/live.py) gives the runs' events the sink has not stored
+        yet; their points are shown with the stored ones."""
         if recursive:
             ids = [run_id] + [r["run_id"] for r in self.children(run_id, recursive=True)]
-            per_run = self._metrics_for(ids, name)
+            per_run = self._metrics_for(ids, name, live)
             return {rid: per_run.get(rid, {}) for rid in ids}
-        return self._metrics_for([run_id], name).get(run_id, {})
+        return self._metrics_for([run_id], name, live).get(run_id, {})
 
-    def _metrics_for(self, run_ids: list[str], name: str | None) -> dict[str, dict[str, Any]]:
+    def _metrics_for(self, run_ids: list[str], name: str | None, live=None) -> dict[str, dict[str, Any]]:
         where = "run_id IN {ids:Array(String)}"
         params: dict[str, Any] = {"ids": run_ids}
         if name is not None:
             where += " AND name = {name:String}"
             params["name"] = name
-        result = self.client.query(f"""
-            SELECT run_id, name, kind, column, dtype, step, value, text FROM {DB}.metric_points
-            WHERE {where} ORDER BY run_id, name, column, step, ts""", parameters=params)
+        # asked before the query: an event stored meanwhile is then in both, and is dropped from the tail's
+        # side by its (source, seq) below; asked after, it could be in neither
+        pending = live(run_ids) if live is not None else {}
+        if not pending:
+            rows = self.client.query(f"""
+                SELECT run_id, name, kind, column, dtype, step, value, text FROM {DB}.metric_points
+                WHERE {where} ORDER BY run_id, name, column, step, ts""", parameters=params).result_rows
+        else:
+            rows = self._with_pending(where, params, pending, name)
         out: dict[str, dict[str, Any]] = {}
         scalars: set[tuple[str, str]] = set()
-        for run_id, name_, kind, column, dtype, _step, value, text in result.result_rows:
+        for run_id, name_, kind, column, dtype, _step, value, text in rows:
             v = _value(dtype, value, text)
             per = out.setdefault(run_id, {})
             if kind in ("row", "table"):
@@ -284,6 +293,36 @@ class Queries:
             if len(values) == 1:
                 out[run_id][name_] = values[0]
         return out
+
+    def _with_pending(self, where: str, params: dict[str, Any], pending: dict[str, list], name: str | None) -> list:
+        """The stored points and the pending events' points, in the stored order (run, name, column, step, time)."""
+        stored = self.client.query(f"""
+            SELECT run_id, name, kind, column, dtype, step, value, text, toUnixTimestamp64Micro(ts), src, seq
+            FROM {DB}.metric_points WHERE {where}""", parameters=params).result_rows
+        have = {(r[0], r[9], r[10]) for r in stored}
+        rows = [r[:9] for r in stored]
+        for run_id, envs in pending.items():
+            for env in envs:
+                key = (run_id, env.source.key, env.seq)
+                if key in have:
+                    continue  # stored since the tail was asked
+                have.add(key)  # a producer's repeat of it further on in the tail
+                p = env.payload
+                names = p.names
+                if p.n_numeric:
+                    idx, step, ts, val = p.arrays()
+                    for i, st, t, v in zip(idx.tolist(), step.tolist(), ts.tolist(), val.tolist()):
+                        n = names[i]
+                        if name is None or n.name == name:
+                            rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, "", t))
+                if p.n_text:
+                    s_idx, s_step, s_ts, texts = p.text_arrays()
+                    for i, st, t, text in zip(s_idx.tolist(), s_step.tolist(), s_ts.tolist(), texts):
+                        n = names[i]
+                        if name is None or n.name == name:
+                            rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, math.nan, text, t))
+        rows.sort(key=lambda r: (r[0], r[1], r[3], r[5], r[8]))
+        return [r[:8] for r in rows]
 
     # -- health ---------------------------------------------------------------------------------
     def storage(self) -> dict[str, dict[str, int]]:

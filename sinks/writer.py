@@ -344,6 +344,8 @@ class ClickHouseSink:
         self._forced_end: dict[Any, int] = {}
         self._pending: dict[Any, list] = defaultdict(list)
         self._last_seq: dict[tuple[str, str, str], int] = {}
+        #: per partition, the first offset not stored yet (the live tail keeps watched runs' events from there)
+        self.stored_next: dict[Any, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink")
         self._build_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink-build")
         self._topic_kind = {settings.topic(t): t for t in SINK_TOPICS}
@@ -408,12 +410,24 @@ class ClickHouseSink:
             parameters={"g": self.group_id, "topics": sorted({tp.topic for tp in tps}),
                         "starts": sorted(set(starts.values()))}).result_rows)
         intents = {(t, p, s): e for t, p, s, e in rows}
+        self.stored_next.update(starts)
         for tp, start in starts.items():
             end = intents.get((tp.topic, tp.partition, start))
             if end is not None:
                 self._forced_end[tp] = int(end)
                 log.warning("runwatch sink: replaying %s[%d] offsets %d..%d after an unfinished commit",
                             tp.topic, tp.partition, start, end)
+
+    def stored_offset(self, tp) -> int:
+        """The first offset of `tp` not stored yet (0 before the sink knows)."""
+        return self.stored_next.get(tp, 0)
+
+    def metrics_partitions(self) -> list:
+        """The `metrics` partitions this sink reads, once it is ready."""
+        if not self.ready or self.consumer is None:
+            return []
+        topic = self.settings.topic("metrics")
+        return sorted((tp for tp in self.consumer.assignment() if tp.topic == topic), key=lambda tp: tp.partition)
 
     async def _run(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -558,6 +572,8 @@ class ClickHouseSink:
                     self.stats.dead_letters += data.num_rows
         # counted, and the repeat check's state kept, only once every insert of the chunk succeeded
         self._last_seq.update(ready.seen)
+        for tp, (_, end, _) in ranges.items():
+            self.stored_next[tp] = end + 1
         self.stats.events += ready.events
         self.stats.repeats_dropped += ready.repeats
         self.stats.rejected += ready.rejected

@@ -333,3 +333,54 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
     rows = client.query("SELECT run_id, groupArray(value) FROM (SELECT run_id, value FROM runwatch.metric_points "
                         "ORDER BY run_id, step) GROUP BY run_id ORDER BY run_id").result_rows
     assert rows == [("new", [3.0, 2.0, 1.0]), ("old", [3.0, 2.0, 1.0])]
+
+
+def test_metrics_read_shows_the_live_tail_and_each_point_once(tmp_path):
+    """The read API's merge of stored points and the live tail's events (sinks/live.py), on a real chDB: an
+    event stored between the tail's answer and the query, and a producer's repeat of a pending event, are
+    shown once; the result is exactly what the same read gives once everything is stored."""
+    import clickhouse_connect
+
+    from sinks.queries import Queries
+    from sinks.schema import migrate
+    from sinks.writer import RowBuilder, insert_arrow
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    names = [MetricName(name="loss", kind="scalar", dtype="float"), MetricName(name="note", kind="scalar", dtype="str"),
+             MetricName(name="curve", kind="row", column="x", dtype="int")]
+    src = this_source()
+
+    def event(seq: int, steps: list[int]):
+        n = len(steps)
+        batch = MetricBatch.from_arrays(names, [i % 3 if i % 3 != 1 else 0 for i in range(n)], steps,
+                                        [1_700_000_000_000_000 + 1000 * seq + i for i in range(n)],
+                                        [seq + i / 10 for i in range(n)], [1], [steps[0]],
+                                        [1_700_000_000_000_000 + 1000 * seq], [f"note {seq}"])
+        return make_envelope("run-1", "exp", batch, seq, source=src)
+
+    stored, pending = [event(0, [0, 1, 2, 3]), event(1, [4, 5, 6])], [event(2, [7, 2, 9])]
+
+    def store(envs, token):
+        b = RowBuilder()
+        for env in envs:
+            b.add(env)
+        insert_arrow(client, "runwatch.metric_points", b.tables()["metric_points"],
+                     {"insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+
+    store(stored, "a")
+    q = Queries(client)
+    asked = []
+
+    def live(run_ids):
+        asked.append(list(run_ids))
+        # the tail still holds seq 1 (stored since), seq 2, and a producer's repeat of seq 2
+        return {"run-1": [stored[1]] + pending + [pending[0]]}
+
+    merged = {name: q.metrics("run-1", name, live=live) for name in (None, "loss", "note", "curve")}
+    assert asked == [["run-1"]] * 4
+    # seq 2's loss at step 2 goes between the stored steps 1 and 3; each note once
+    assert merged["loss"] == {"loss": [0.0, 0.1, 2.1, 0.3, 1.0, 1.1, 2.0]}
+    assert merged["note"] == {"note": ["note 0", "note 1", "note 2"]}
+    store(pending, "b")
+    assert merged == {name: q.metrics("run-1", name) for name in (None, "loss", "note", "curve")}
