@@ -98,8 +98,9 @@ class Settings:
     sink_max_batch_bytes: int = 16 << 20
     #: The read API shows a watched run's newest points from the stream before the sink has stored them
     #: (sinks/live.py): a run read in the last `live_watch_seconds` is watched, at most `live_max_runs` at
-    #: once, each holding at most `live_max_points` points not stored yet (past that, reads show the stored
-    #: points alone until the sink catches up). live_max_runs = 0 turns the tail off.
+    #: once; the tail holds at most `live_max_points` points not stored yet, about 30 bytes each (a run
+    #: that would pass it shows its stored points alone until the sink has caught up).
+    #: live_max_runs = 0 turns the tail off.
     live_watch_seconds: float = 30.0
     live_max_runs: int = 100
     live_max_points: int = 1_000_000

@@ -36,7 +36,7 @@ class LiveStats:
     events: int = 0
     #: messages read from the broker, watched or not
     read: int = 0
-    #: times a run's tail was dropped because it held more than live_max_points
+    #: times a run's tail was dropped because the tail would have held more than live_max_points
     overflows: int = 0
 
 
@@ -61,6 +61,7 @@ class LiveTail:
         self._rescan = False
         self._events: dict[str, dict[tuple[int, int], Envelope]] = defaultdict(dict)  # run -> (partition, offset)
         self._points: dict[str, int] = defaultdict(int)
+        self._held = 0  # points held, all runs
         #: runs whose tail overflowed: taken up again once the sink stored past these offsets
         self._overflowed: dict[str, dict[int, int]] = {}
         self._pos: dict[Any, int] = {}
@@ -158,7 +159,7 @@ class LiveTail:
                     if (tp.partition, m.offset) in self._events[run_id]:
                         continue
                     n = p.n_numeric + p.n_text
-                    if self._points[run_id] + n > limit:
+                    if self._held + n > limit:
                         # reads show the stored points alone (no gap) until the sink is past this offset
                         self._overflowed[run_id] = {tp.partition: m.offset}
                         self._drop(run_id)
@@ -166,13 +167,14 @@ class LiveTail:
                         continue
                     self._events[run_id][(tp.partition, m.offset)] = env
                     self._points[run_id] += n
+                    self._held += n
                     self.stats.events += 1
         self._prune(floors)
         return True
 
     def _drop(self, run_id: str) -> None:
         self._events.pop(run_id, None)
-        self._points.pop(run_id, None)
+        self._held -= self._points.pop(run_id, 0)
 
     def _prune(self, floors: dict) -> None:
         """Let go of the events the sink has stored."""
@@ -181,7 +183,9 @@ class LiveTail:
                 gone = [k for k in held if k[1] < floors.get(self._tp(k[0]), 0)]
                 for k in gone:
                     env = held.pop(k)
-                    self._points[run_id] -= env.payload.n_numeric + env.payload.n_text
+                    n = env.payload.n_numeric + env.payload.n_text
+                    self._points[run_id] -= n
+                    self._held -= n
                 if not held:
                     self._drop(run_id)
 
@@ -203,6 +207,7 @@ class LiveTail:
         with self._lock:
             self._events.clear()
             self._points.clear()
+            self._held = 0
         if consumer is not None:
             try:
                 await consumer.stop()
@@ -211,5 +216,5 @@ class LiveTail:
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            return {"watched": len(self._watched), "held_points": sum(self._points.values()),
+            return {"watched": len(self._watched), "held_points": self._held,
                     "events": self.stats.events, "read": self.stats.read, "overflows": self.stats.overflows}

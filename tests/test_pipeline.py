@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 
@@ -295,6 +296,9 @@ def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
             visible(w2, run.id, status="Completed", metric="x", count=total)
             values = run.get_metrics(name="x")["x"]
             assert values == [float(i) for i in range(total)]  # nothing lost, nothing twice
+            # and so it is in ClickHouse, not only in the read API's live tail
+            assert wait_until(lambda: w2.get(f"/api/runs/{run.id}/metrics", name="x", stored="true").get("x") == values,
+                              30, what="every point stored")
             # after a SIGKILL Faust may skip batches (DESIGN.md: at least once with possible skips); once the
             # run has finished, the sink checks the aggregates against the stored points and recomputes a shortfall
             agg = wait_until(lambda: (a := w2.get(f"/api/runs/{run.id}/aggregates").get("x")) and a["count"] == total
@@ -302,6 +306,52 @@ def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
             assert (agg["min"], agg["max"], agg["last"]) == (0.0, total - 1, total - 1)
         finally:
             w2.stop()
+    finally:
+        from producers.emitter import close_all
+
+        close_all(5)
+        w.stop()
+
+
+def test_live_tail_shows_unstored_points_within_its_bound_and_lets_go(broker, tmp_path, monkeypatch):
+    """The read API's live tail (sinks/live.py, docs/api.md) on a real worker whose inserts fail for a while:
+    watched runs' points show from the broker, a run past the tail's bound shows its stored points alone (none
+    yet), an unwatched run costs nothing, and once stored every point shows exactly once."""
+    down = tmp_path / "clickhouse-down"
+    down.write_text("")
+    w = Worker(broker, tmp_path / "wk", f"live{tmp_path.name[-6:]}.", {
+        "RUNWATCH_TEST_FAULT": f"clickhouse-down-while:{down}", "RUNWATCH_LIVE_MAX_POINTS": "300",
+        "RUNWATCH_LIVE_WATCH_SECONDS": "2"}).start()
+    for k, v in (("RUNWATCH_HOME", str(tmp_path / "sdk")), ("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap),
+                 ("RUNWATCH_TOPIC_PREFIX", w.prefix), ("RUNWATCH_BROKER_KIND", "tansu"),
+                 ("RUNWATCH_API_URL", w.api_url)):
+        monkeypatch.setenv(k, v)
+
+    def read(run_id, **params):
+        r = httpx.get(f"{w.api_url}/api/runs/{run_id}/metrics", params=dict(name="x", **params), timeout=30)
+        return r.json().get("x") if r.status_code == 200 else r.status_code
+
+    try:
+        exp = Experiment(Workspace.from_config(), unique_name())
+        a, b = exp.start_logging(), exp.start_logging()
+        for run, n in ((a, 200), (b, 150)):
+            for i in range(n):
+                run.log("x", float(i))
+            run.flush()
+        want_a, want_b = [float(i) for i in range(200)], [float(i) for i in range(150)]
+        assert wait_until(lambda: read(a.id) == want_a, 30, what="run a from the live tail")
+        assert read(a.id, stored="true") == 404  # nothing stored, not even the run
+        assert w.health()["live"]["held_points"] == 200
+        # b's 150 points would take the tail past its 300: b shows what is stored (nothing: 404)
+        wait_until(lambda: read(b.id) == 404 and w.health()["live"]["overflows"] == 1, 30, what="the tail refusing b")
+        assert read(b.id) == 404 and w.health()["live"]["held_points"] == 200
+        # no reads for 2 s: nothing is watched, nothing held
+        live = wait_until(lambda: (h := w.health()["live"])["watched"] == 0 and h, 30, what="the watches ending")
+        assert live["held_points"] == 0
+        down.unlink()
+        for run, want in ((a, want_a), (b, want_b)):
+            assert wait_until(lambda: read(run.id, stored="true") == want, 60, what="stored")
+            assert read(run.id) == want  # stored and tail together: once each
     finally:
         from producers.emitter import close_all
 
