@@ -132,8 +132,6 @@ def bench_sdk(quick: bool, broker_bootstrap: str, tmp: Path) -> None:
 
 
 def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
-    import httpx
-
     console.rule("Pipeline: log() to queryable in chDB")
     w = _worker(broker, tmp / "worker", "p1.")
     try:
@@ -162,18 +160,14 @@ def bench_pipeline(quick: bool, broker, tmp: Path) -> None:
         runs, steps = (1000, 1000) if quick else (1000, 10000)
         load = _child(LOAD, dict(_env(tmp / "h7", broker.bootstrap, "p1.", w.api_url), BENCH_RUNS=str(runs),
                                  BENCH_STEPS=str(steps)))
-        lat = []
-        http = httpx.Client(timeout=30)  # kept, as the SDK's client keeps it: a new httpx client costs ~18 ms
-        for _ in range(20):
-            a = time.perf_counter()
-            rows = http.get(f"{w.api_url}/api/runs", params={"experiment": "query-bench", "sort_metric": "loss",
-                                                            "sort": "min", "order": "asc", "metric": "loss"}).json()
-            lat.append(time.perf_counter() - a)
-            assert len(rows) == runs
-        lat.sort()
-        record(f"cross-run query p50 ({runs} runs × {steps:,} steps)", lat[len(lat) // 2] * 1000, "ms")
-        record("cross-run query p95", lat[int(len(lat) * 0.95)] * 1000, "ms", "≤ 100",
-               f"{load['points']:,} points loaded")
+        params = {"experiment": "query-bench", "sort_metric": "loss", "sort": "min", "order": "asc", "metric": "loss"}
+        p50, p95 = _cross_run_query(w, params, runs)
+        record(f"cross-run query p50 ({runs} runs × {steps:,} steps)", p50 * 1000, "ms")
+        record("cross-run query p95", p95 * 1000, "ms", "≤ 100",
+               f"{load['points']:,} points loaded, measured as soon as they were stored")
+        time.sleep(SETTLE_S)
+        p50, p95 = _cross_run_query(w, params, runs)
+        record(f"cross-run query p95, {SETTLE_S} s later", p95 * 1000, "ms", "≤ 100", f"p50 {p50 * 1000:.0f} ms")
         h = w.health()
         record("bytes on disk per stored point (metric_points, compressed)", _bytes_per_point(w), "bytes", "≤ 12",
                f"{h['rows']['metric_points']:,} rows")
@@ -500,6 +494,27 @@ def _worker(broker, home: Path, prefix: str):
     return Worker(broker, home, prefix, extra_env={"RUNWATCH_AGGREGATES_CHECK_DELAY": str(delay)}).start()
 
 
+#: Seconds between the cross-run query measured as soon as a load is stored (ClickHouse still merging its
+#: parts, the sink checking the finished runs' aggregates) and measured again.
+SETTLE_S = 15
+
+
+def _cross_run_query(w, params: dict, runs: int, n: int = 20) -> tuple[float, float]:
+    """Workload 4 through the read API, `n` times on one kept connection (as the SDK's client keeps it: a new
+    httpx client costs ~18 ms): p50 and p95 in seconds, the response parsed."""
+    import httpx
+
+    lat = []
+    with httpx.Client(timeout=60) as http:
+        for _ in range(n):
+            a = time.perf_counter()
+            rows = http.get(f"{w.api_url}/api/runs", params=params).json()
+            lat.append(time.perf_counter() - a)
+            assert len(rows) == runs
+    lat.sort()
+    return lat[len(lat) // 2], lat[int(len(lat) * 0.95)]
+
+
 def _cpu(pid: int) -> float:
     import psutil
 
@@ -537,8 +552,6 @@ def ingest4(broker, w, env: dict[str, str], runs: int, metrics: int = 10, steps:
 
 
 def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
-    import httpx
-
     from benchmarks.mlflow_side import (BANDWIDTH, LOG_BATCH, PER_CALL as M_PER_CALL, ensure_venv,
                                         run_child)
 
@@ -622,18 +635,13 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
                    f"{fresh['markers']} markers, the slowest {fresh['max'] * 1000:,.0f} ms; stored points alone "
                    f"p50 / p95 {fresh['stored_p50'] * 1000:,.0f} / {fresh['stored_p95'] * 1000:,.0f} ms")
         # 4. the cross-run query on this data
-        lat = []
-        http = httpx.Client(timeout=60)  # kept, as the SDK's client keeps it: a new httpx client costs ~18 ms
-        for _ in range(20):
-            a = time.perf_counter()
-            rows = http.get(f"{w.api_url}/api/runs", params={"experiment": "ingest4", "sort_metric": "m0",
-                                                            "sort": "min", "metric": "m0", "limit": 100000}).json()
-            lat.append(time.perf_counter() - a)
-        lat.sort()
-        assert len(rows) == runs
-        rw_query = lat[len(lat) // 2]
+        params = {"experiment": "ingest4", "sort_metric": "m0", "sort": "min", "metric": "m0", "limit": 100000}
+        rw_query, p95 = _cross_run_query(w, params, runs)
         record(f"max/min/last of one metric across {runs:,} runs, runwatch p50", rw_query * 1000, "ms")
-        record("same, p95", lat[int(len(lat) * 0.95)] * 1000, "ms", "≤ 100")
+        record("same, p95", p95 * 1000, "ms", "≤ 100", "as soon as the last load was stored")
+        time.sleep(SETTLE_S)
+        p50, p95 = _cross_run_query(w, params, runs)
+        record(f"same, p95, {SETTLE_S} s later", p95 * 1000, "ms", "≤ 100", f"p50 {p50 * 1000:.0f} ms")
         rw_bytes = _bytes_per_point(w)
     finally:
         w.stop()
