@@ -636,12 +636,12 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
                    f"p50 / p95 {fresh['stored_p50'] * 1000:,.0f} / {fresh['stored_p95'] * 1000:,.0f} ms")
         # 4. the cross-run query on this data
         params = {"experiment": "ingest4", "sort_metric": "m0", "sort": "min", "metric": "m0", "limit": 100000}
-        rw_query, p95 = _cross_run_query(w, params, runs)
-        record(f"max/min/last of one metric across {runs:,} runs, runwatch p50", rw_query * 1000, "ms")
+        p50, p95 = _cross_run_query(w, params, runs)
+        record(f"max/min/last of one metric across {runs:,} runs, runwatch p50", p50 * 1000, "ms")
         record("same, p95", p95 * 1000, "ms", "≤ 100", "as soon as the last load was stored")
         time.sleep(SETTLE_S)
-        p50, p95 = _cross_run_query(w, params, runs)
-        record(f"same, p95, {SETTLE_S} s later", p95 * 1000, "ms", "≤ 100", f"p50 {p50 * 1000:.0f} ms")
+        rw_query, p95 = _cross_run_query(w, params, runs)
+        record(f"same, p95, {SETTLE_S} s later", p95 * 1000, "ms", "≤ 100", f"p50 {rw_query * 1000:.0f} ms")
         rw_bytes = _bytes_per_point(w)
     finally:
         w.stop()
@@ -651,7 +651,7 @@ def bench_mlflow(quick: bool, broker, tmp: Path) -> None:
     record(f"MLflow log_batch ingest, sqlite ({m_runs} runs × {metrics} × {steps:,}; scaled down)", m_rate,
            "points/s", note=f"runwatch is {total / e2e / m_rate:,.0f}× faster (goal ≥ 50×)")
     record(f"MLflow: last value (search_runs) + min/max (metric history) across {m_runs} runs, p50",
-           lb["query_p50"] * 1000, "ms", note=f"runwatch answers {runs:,} runs in {rw_query * 1000:.0f} ms")
+           lb["query_p50"] * 1000, "ms", note=f"runwatch answers {runs:,} runs in {rw_query * 1000:.0f} ms (p50, {SETTLE_S} s after its last load)")
     record("bytes per stored point: runwatch (ClickHouse parts)", rw_bytes, "bytes", "≤ 12")
     record("bytes per stored point: MLflow sqlite file", lb["bytes"] / lb["points"], "bytes")
 
