@@ -791,7 +791,7 @@ def _bytes_per_point(w) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 15)")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 16)")
     ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files", "dashboards", "mlflow", "training"],
                     help="run one group (mlflow includes training)")
     ap.add_argument("--profile", action="store_true",
