@@ -135,6 +135,11 @@ class ReadApi:
             raise LookupError(f"no run {run_id!r}")
         return run
 
+    async def _require_run(self, run_id: str) -> None:
+        """404 for an unknown run, by the cheapest lookup (no FINAL): for endpoints that found nothing of it."""
+        if not await self._q(self.queries.run_exists, run_id):
+            raise LookupError(f"no run {run_id!r}")
+
     async def run(self, request: web.Request) -> web.Response:
         return self._json(await self._get_run(request.match_info["run_id"]))
 
@@ -146,7 +151,7 @@ class ReadApi:
         if not (any(found.values()) if recursive else found):
             # no points: an unknown run is a 404. Looked up only then: a widget or a probe polling a live
             # run's metrics would pay a second query per poll (docs/performance.md)
-            await self._get_run(run_id)
+            await self._require_run(run_id)
         return self._json(found)
 
     async def run_aggregates(self, request: web.Request) -> web.Response:
@@ -169,7 +174,7 @@ class ReadApi:
         stored = [dict(m, kind="file", origin=events.get(m["name"], {}).get("origin"))
                   for m in await self._q(self.files.list, run_id)]
         if not logs and not stored:
-            await self._get_run(run_id)  # an unknown run is a 404; a known one may have no files yet
+            await self._require_run(run_id)  # an unknown run is a 404; a known one may have no files yet
         return self._json(logs + stored)
 
     async def logs(self, request: web.Request) -> web.Response:
@@ -197,7 +202,7 @@ class ReadApi:
                                                    "X-Content-SHA256": meta.get("sha256", "")})
         first = await self._q(self.queries.log_lines, run_id, name, -1, 10_000)
         if not first["lines"]:
-            await self._get_run(run_id)
+            await self._require_run(run_id)
             raise LookupError(f"run {run_id} has no file {name!r}")
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)

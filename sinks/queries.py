@@ -144,6 +144,10 @@ class Queries:
                           run_id=run_id)
         return run_row(rows[0]) if rows else None
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether the run is stored at all: one row of any version, without FINAL (what a 404 needs)."""
+        return bool(self._rows(f"SELECT 1 FROM {DB}.runs WHERE run_id = {{run_id:String}} LIMIT 1", run_id=run_id))
+
     def children(self, run_id: str, recursive: bool = False) -> list[dict[str, Any]]:
         out, frontier = [], [run_id]
         while frontier:
