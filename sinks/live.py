@@ -49,7 +49,6 @@ class LiveTail:
     def __init__(self, settings: Settings, bootstrap: str, stored_next, partitions):
         self.settings = settings
         self.bootstrap = bootstrap
-        self.topic = settings.topic("metrics")
         self._stored_next = stored_next
         #: the `metrics` partitions to read (the sink's assignment, known once it is ready)
         self._partitions = partitions
@@ -57,13 +56,11 @@ class LiveTail:
         self.consumer = None
         self._lock = threading.Lock()  # the API's threads read and watch; the event loop fills
         self._watched: dict[str, float] = {}  # run_id -> monotonic time the watch ends
-        self._keys: frozenset[bytes] = frozenset()
         self._rescan = False
-        self._events: dict[str, dict[tuple[int, int], Envelope]] = defaultdict(dict)  # run -> (partition, offset)
-        self._points: dict[str, int] = defaultdict(int)
+        self._events: dict[str, dict[tuple[Any, int], Envelope]] = defaultdict(dict)  # run -> {(tp, offset): event}
         self._held = 0  # points held, all runs
-        #: runs whose tail overflowed: taken up again once the sink stored past these offsets
-        self._overflowed: dict[str, dict[int, int]] = {}
+        #: runs whose tail overflowed: taken up again once the sink has stored past (tp, offset)
+        self._overflowed: dict[str, tuple[Any, int]] = {}
         self._pos: dict[Any, int] = {}
 
     # -- called from the read API's threads ---------------------------------------------------
@@ -78,21 +75,14 @@ class LiveTail:
                         continue
                     self._rescan = True  # read its events from the sink's stored offset on
                 self._watched[run_id] = until
-            self._keys = frozenset(r.encode() for r in self._watched)
             for run_id in run_ids:
                 held = self._events.get(run_id)
                 if not held:
                     continue
-                envs = [env for (part, off), env in sorted(held.items())
-                        if off >= self._stored_next(self._tp(part))]
+                envs = [env for (tp, off), env in sorted(held.items()) if off >= self._stored_next(tp)]
                 if envs:
                     out[run_id] = envs
         return out
-
-    def _tp(self, partition: int):
-        from aiokafka import TopicPartition
-
-        return TopicPartition(self.topic, partition)
 
     # -- the event loop's task ----------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -116,10 +106,9 @@ class LiveTail:
                 del self._watched[run_id]
                 self._drop(run_id)
                 self._overflowed.pop(run_id, None)
-            self._keys = frozenset(r.encode() for r in self._watched)
-            watched = bool(self._watched)
+            keys = frozenset(r.encode() for r in self._watched)  # message keys are run ids
         parts = self._partitions()
-        if not watched or not parts:
+        if not keys or not parts:
             if self.consumer is not None:
                 await self.close()
             return False
@@ -128,8 +117,8 @@ class LiveTail:
         floors = {tp: self._stored_next(tp) for tp in parts}
         with self._lock:
             rescan, self._rescan = self._rescan, False
-            for run_id, at in list(self._overflowed.items()):
-                if all(floors[self._tp(p)] > off for p, off in at.items()):
+            for run_id, (tp, off) in list(self._overflowed.items()):
+                if floors[tp] > off:
                     del self._overflowed[run_id]  # the sink stored what was dropped: take the run up again
                     rescan = True
         for tp in parts:
@@ -137,7 +126,6 @@ class LiveTail:
                 self.consumer.seek(tp, floors[tp])
                 self._pos[tp] = floors[tp]
         batch = await self.consumer.getmany(timeout_ms=100, max_records=5000)
-        keys = self._keys
         limit = self.settings.live_max_points
         for tp, msgs in batch.items():
             self.stats.read += len(msgs)
@@ -156,38 +144,32 @@ class LiveTail:
                     run_id = env.run_id
                     if run_id not in self._watched or run_id in self._overflowed:
                         continue
-                    if (tp.partition, m.offset) in self._events[run_id]:
+                    if (tp, m.offset) in self._events[run_id]:
                         continue
-                    n = p.n_numeric + p.n_text
+                    n = _points(env)
                     if self._held + n > limit:
                         # reads show the stored points alone (no gap) until the sink is past this offset
-                        self._overflowed[run_id] = {tp.partition: m.offset}
+                        self._overflowed[run_id] = (tp, m.offset)
                         self._drop(run_id)
                         self.stats.overflows += 1
                         continue
-                    self._events[run_id][(tp.partition, m.offset)] = env
-                    self._points[run_id] += n
+                    self._events[run_id][(tp, m.offset)] = env
                     self._held += n
                     self.stats.events += 1
         self._prune(floors)
         return True
 
     def _drop(self, run_id: str) -> None:
-        self._events.pop(run_id, None)
-        self._held -= self._points.pop(run_id, 0)
+        self._held -= sum(_points(env) for env in self._events.pop(run_id, {}).values())
 
     def _prune(self, floors: dict) -> None:
         """Let go of the events the sink has stored."""
         with self._lock:
             for run_id, held in list(self._events.items()):
-                gone = [k for k in held if k[1] < floors.get(self._tp(k[0]), 0)]
-                for k in gone:
-                    env = held.pop(k)
-                    n = env.payload.n_numeric + env.payload.n_text
-                    self._points[run_id] -= n
-                    self._held -= n
+                for k in [k for k in held if k[1] < floors.get(k[0], 0)]:
+                    self._held -= _points(held.pop(k))
                 if not held:
-                    self._drop(run_id)
+                    del self._events[run_id]
 
     async def _open(self, parts) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -206,7 +188,6 @@ class LiveTail:
         self._pos.clear()
         with self._lock:
             self._events.clear()
-            self._points.clear()
             self._held = 0
         if consumer is not None:
             try:
@@ -218,3 +199,7 @@ class LiveTail:
         with self._lock:
             return {"watched": len(self._watched), "held_points": self._held,
                     "events": self.stats.events, "read": self.stats.read, "overflows": self.stats.overflows}
+
+
+def _points(env: Envelope) -> int:
+    return env.payload.n_numeric + env.payload.n_text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from datetime import datetime, timezone
@@ -312,19 +313,18 @@ class Queries:
                     continue  # stored since the tail was asked
                 have.add(key)  # a producer's repeat of it further on in the tail
                 p = env.payload
-                names = p.names
+                series = []  # (name index, step, ts, value, text) arrays: numbers, then strings
                 if p.n_numeric:
                     idx, step, ts, val = p.arrays()
-                    for i, st, t, v in zip(idx.tolist(), step.tolist(), ts.tolist(), val.tolist()):
-                        n = names[i]
-                        if name is None or n.name == name:
-                            rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, "", t))
+                    series.append((idx, step, ts, val.tolist(), itertools.repeat("")))
                 if p.n_text:
-                    s_idx, s_step, s_ts, texts = p.text_arrays()
-                    for i, st, t, text in zip(s_idx.tolist(), s_step.tolist(), s_ts.tolist(), texts):
-                        n = names[i]
+                    idx, step, ts, texts = p.text_arrays()
+                    series.append((idx, step, ts, itertools.repeat(math.nan), texts))
+                for idx, step, ts, values, texts in series:
+                    for i, st, t, v, text in zip(idx.tolist(), step.tolist(), ts.tolist(), values, texts):
+                        n = p.names[i]
                         if name is None or n.name == name:
-                            rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, math.nan, text, t))
+                            rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, text, t))
         rows.sort(key=lambda r: (r[0], r[1], r[3], r[5], r[8]))
         return [r[:8] for r in rows]
 

@@ -345,7 +345,7 @@ class ClickHouseSink:
         self._pending: dict[Any, list] = defaultdict(list)
         self._last_seq: dict[tuple[str, str, str], int] = {}
         #: per partition, the first offset not stored yet (the live tail keeps watched runs' events from there)
-        self.stored_next: dict[Any, int] = {}
+        self._stored_next: dict[Any, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink")
         self._build_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runwatch-sink-build")
         self._topic_kind = {settings.topic(t): t for t in SINK_TOPICS}
@@ -410,7 +410,7 @@ class ClickHouseSink:
             parameters={"g": self.group_id, "topics": sorted({tp.topic for tp in tps}),
                         "starts": sorted(set(starts.values()))}).result_rows)
         intents = {(t, p, s): e for t, p, s, e in rows}
-        self.stored_next.update(starts)
+        self._stored_next.update(starts)
         for tp, start in starts.items():
             end = intents.get((tp.topic, tp.partition, start))
             if end is not None:
@@ -420,7 +420,7 @@ class ClickHouseSink:
 
     def stored_offset(self, tp) -> int:
         """The first offset of `tp` not stored yet (0 before the sink knows)."""
-        return self.stored_next.get(tp, 0)
+        return self._stored_next.get(tp, 0)
 
     def metrics_partitions(self) -> list:
         """The `metrics` partitions this sink reads, once it is ready."""
@@ -573,7 +573,7 @@ class ClickHouseSink:
         # counted, and the repeat check's state kept, only once every insert of the chunk succeeded
         self._last_seq.update(ready.seen)
         for tp, (_, end, _) in ranges.items():
-            self.stored_next[tp] = end + 1
+            self._stored_next[tp] = end + 1
         self.stats.events += ready.events
         self.stats.repeats_dropped += ready.repeats
         self.stats.rejected += ready.rejected

@@ -194,15 +194,22 @@ def worker(broker, tmp_path_factory):
     w.stop()
 
 
-@pytest.fixture
-def stack_env(worker, monkeypatch, tmp_path):
-    """SDK environment pointing at the module's worker (its topics and its read API)."""
-    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "sdk-home"))
+def point_sdk_at(monkeypatch, worker: Worker, home: Path, **settings: str) -> None:
+    """This process's SDK environment: the worker's topics and read API, RUNWATCH_HOME `home`, and `settings`
+    (RUNWATCH_<NAME>) on top."""
+    monkeypatch.setenv("RUNWATCH_HOME", str(home))
     monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", worker.broker.bootstrap)
     monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", worker.prefix)
     monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
     monkeypatch.setenv("RUNWATCH_API_URL", worker.api_url)
-    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.05")
+    for k, v in settings.items():
+        monkeypatch.setenv(f"RUNWATCH_{k.upper()}", v)
+
+
+@pytest.fixture
+def stack_env(worker, monkeypatch, tmp_path):
+    """SDK environment pointing at the module's worker (its topics and its read API)."""
+    point_sdk_at(monkeypatch, worker, tmp_path / "sdk-home", flush_interval="0.05")
     for k, v in worker.extra_env.items():
         monkeypatch.setenv(k, v)
     yield worker

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, Worker, log_rows_table_tags, unique_name, wait_until
+from conftest import ROOT, Worker, log_rows_table_tags, point_sdk_at, unique_name, wait_until
 from runwatch import Experiment, Run, Workspace
 from runwatch.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
 
@@ -271,12 +271,7 @@ def test_malformed_events_go_to_the_dead_letters(stack_env):
 
 def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
     w = Worker(broker, tmp_path / "wk", f"kill{tmp_path.name[-6:]}.").start()
-    monkeypatch.setenv("RUNWATCH_HOME", str(tmp_path / "sdk"))
-    monkeypatch.setenv("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap)
-    monkeypatch.setenv("RUNWATCH_TOPIC_PREFIX", w.prefix)
-    monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
-    monkeypatch.setenv("RUNWATCH_API_URL", w.api_url)
-    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.02")
+    point_sdk_at(monkeypatch, w, tmp_path / "sdk", flush_interval="0.02")
     try:
         exp = Experiment(Workspace.from_config(), unique_name())
         run = exp.start_logging()
@@ -322,10 +317,7 @@ def test_live_tail_shows_unstored_points_within_its_bound_and_lets_go(broker, tm
     w = Worker(broker, tmp_path / "wk", f"live{tmp_path.name[-6:]}.", {
         "RUNWATCH_TEST_FAULT": f"clickhouse-down-while:{down}", "RUNWATCH_LIVE_MAX_POINTS": "300",
         "RUNWATCH_LIVE_WATCH_SECONDS": "2"}).start()
-    for k, v in (("RUNWATCH_HOME", str(tmp_path / "sdk")), ("RUNWATCH_BOOTSTRAP_SERVERS", broker.bootstrap),
-                 ("RUNWATCH_TOPIC_PREFIX", w.prefix), ("RUNWATCH_BROKER_KIND", "tansu"),
-                 ("RUNWATCH_API_URL", w.api_url)):
-        monkeypatch.setenv(k, v)
+    point_sdk_at(monkeypatch, w, tmp_path / "sdk")
 
     def read(run_id, **params):
         r = httpx.get(f"{w.api_url}/api/runs/{run_id}/metrics", params=dict(name="x", **params), timeout=30)

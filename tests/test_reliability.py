@@ -141,21 +141,14 @@ class Trainer:
         assert self.proc.returncode == 0, out.decode()[-3000:]
 
 
-def stored_values(worker: Worker, run_id: str, name: str = "x") -> list[float]:
-    """A metric's values as the read API gives them back ([] while the run is not there yet)."""
+def stored_values(worker: Worker, run_id: str, name: str = "x", stored: bool = True) -> list[float]:
+    """A metric's values as the read API gives them back ([] while the run is not there yet): what is stored,
+    or (stored=False) as a widget sees them, with the live tail's points not stored yet."""
     try:
-        r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics", params={"name": name, "stored": "true"}, timeout=30)
+        r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics",
+                      params={"name": name, "stored": str(stored).lower()}, timeout=30)
     except httpx.HTTPError:
         return []
-    if r.status_code != 200:
-        return []
-    v = r.json().get(name, [])
-    return v if isinstance(v, list) else [v]
-
-
-def live_values(worker: Worker, run_id: str, name: str = "x") -> list[float]:
-    """A metric's values as a widget sees them: stored, and from the live tail what is not stored yet."""
-    r = httpx.get(f"{worker.api_url}/api/runs/{run_id}/metrics", params={"name": name}, timeout=30)
     if r.status_code != 200:
         return []
     v = r.json().get(name, [])
@@ -337,7 +330,7 @@ def test_clickhouse_unavailable_for_a_while(kafka1, tmp_path):
         # nothing is stored, and the read API still shows every point from the broker (the live tail,
         # docs/api.md): the first read makes the run watched, a moment later the tail has it all
         want = [float(i) for i in range(20_000)]
-        assert wait_until(lambda: live_values(worker, trainer.run_id) == want, 30, what="the live tail")
+        assert wait_until(lambda: stored_values(worker, trainer.run_id, stored=False) == want, 30, what="the live tail")
         assert stored_values(worker, trainer.run_id) == []
         assert worker.health()["live"]["held_points"] >= 20_000
         retries = worker.health()["sink"]["retries"]
@@ -350,9 +343,9 @@ def test_clickhouse_unavailable_for_a_while(kafka1, tmp_path):
                     "meanwhile the live tail showed all of it")
         assert fig["missing"] == 0 and fig["duplicates"] == 0 and retries > 0
         # stored and tail side by side, then the tail let go: each point shown once throughout
-        assert live_values(worker, trainer.run_id) == want
+        assert stored_values(worker, trainer.run_id, stored=False) == want
         wait_until(lambda: worker.health()["live"]["held_points"] == 0, 30, what="the tail let go of stored events")
-        assert live_values(worker, trainer.run_id) == want
+        assert stored_values(worker, trainer.run_id, stored=False) == want
     finally:
         worker.stop()
 
