@@ -15,14 +15,28 @@ ISO = "'%Y-%m-%dT%H:%i:%S.%f+00:00'"
 def run_columns(t: str = "") -> str:
     """The columns `run_row` reads, from table alias `t` (e.g. "r."). ClickHouse writes the times as ISO 8601
     text and works out the duration: building datetime objects to format them cost a query over 1,000 runs
-    more than half its time in Python (docs/performance.md)."""
-    return (f"{t}run_id, {t}experiment, {t}display_name, {t}parent_run_id, {t}run_type, {t}compute_target, "
-            f"{t}status, formatDateTime({t}created_time, {ISO}), formatDateTime({t}start_time, {ISO}), "
-            f"formatDateTime({t}end_time, {ISO}), dateDiff('microsecond', {t}start_time, {t}end_time) / 1e6, "
-            f"{t}properties, {t}tags_json, {t}error, {t}dropped_points, {t}illegal_transitions, {t}version")
+    more than half its time in Python (docs/performance.md). The properties come as JSON text too: decoding
+    the Map column in Python cost more than parsing the text, which is mostly `{}`."""
+    return ", ".join(_run_columns(t))
+
+
+def _run_columns(t: str) -> list[str]:
+    return [f"{t}run_id", f"{t}experiment", f"{t}display_name", f"{t}parent_run_id", f"{t}run_type",
+            f"{t}compute_target", f"{t}status", f"formatDateTime({t}created_time, {ISO})",
+            f"formatDateTime({t}start_time, {ISO})", f"formatDateTime({t}end_time, {ISO})",
+            f"dateDiff('microsecond', {t}start_time, {t}end_time) / 1e6", f"toJSONString({t}properties)",
+            f"{t}tags_json", f"{t}error", f"{t}dropped_points", f"{t}illegal_transitions", f"{t}version"]
 
 
 RUN_COLUMNS = run_columns()
+_N_RUN_COLUMNS = len(_run_columns(""))
+
+
+def agg_columns(t: str = "") -> str:
+    """What `_aggregate` reads of a row of metric_aggregates, from table alias `t`."""
+    return ", ".join(t + c for c in ("kind", "count", "min", "max", "first", "last", "last_text", "last_step"))
+
+
 SORTS = {"min", "max", "last", "first", "count"}
 TABLES = ("metric_points", "metric_aggregates", "runs", "status_history", "log_lines", "alerts", "dead_letters",
           "run_files")
@@ -38,6 +52,17 @@ def _iso(value: Any) -> str | None:
     return str(value)
 
 
+def _aggregate(kind: str, count: int, mn: float, mx: float, first: float, last: float, last_text: str,
+               last_step: int) -> dict[str, Any]:
+    # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
+    return {"kind": kind, "count": int(count), "min": mn, "max": mx, "first": first,
+            "last": last_text if last_text and (last != last) else last, "last_step": int(last_step)}
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    return {} if not text or text == "{}" else json.loads(text)
+
+
 def run_row(r: tuple) -> dict[str, Any]:
     (run_id, experiment, display_name, parent, run_type, target, status, created, start, end, duration, props,
      tags_json, error, dropped, illegal, version) = r
@@ -45,7 +70,7 @@ def run_row(r: tuple) -> dict[str, Any]:
         "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
         "run_type": run_type, "compute_target": target, "status": status, "created_time": created,
         "start_time": start, "end_time": end, "duration_s": duration,
-        "properties": dict(props), "tags": json.loads(tags_json) if tags_json else {},
+        "properties": _json_object(props), "tags": _json_object(tags_json),
         "error": json.loads(error) if error else None, "dropped_points": int(dropped),
         "illegal_transitions": int(illegal), "version": int(version),
     }
@@ -116,28 +141,42 @@ class Queries:
             raise ValueError(f"order must be asc or desc, not {order!r}")
         params["limit"] = int(limit)
         wanted = list(dict.fromkeys((metrics or []) + ([sort_metric] if sort_metric else [])))
+        joined: dict[str, dict[str, Any]] = {}
         if sort_metric:
             params["sort_metric"] = sort_metric
             # the aggregates of the runs' experiment only, when there is one: not every experiment's
             in_experiment = " AND experiment = {experiment:String}" if experiment is not None else ""
+            # the sort metric's aggregate comes with its run: a second query for it cost the query over 1,000
+            # runs a fifth of its time (docs/performance.md)
             sql = f"""
-                SELECT {run_columns("r.")} FROM {DB}.runs AS r FINAL
-                LEFT JOIN (SELECT run_id, {sort} AS sort_value FROM {DB}.metric_aggregates FINAL
+                SELECT {run_columns("r.")}, a.matched, {agg_columns("a.")} FROM {DB}.runs AS r FINAL
+                LEFT JOIN (SELECT run_id, {sort} AS sort_value, 1 AS matched, {agg_columns()}
+                           FROM {DB}.metric_aggregates FINAL
                            WHERE name = {{sort_metric:String}} AND column = ''{in_experiment}) AS a
                           ON a.run_id = r.run_id
                 WHERE {' AND '.join(where)}
                 ORDER BY isNull(a.sort_value) OR isNaN(a.sort_value), a.sort_value {order.upper()}, r.created_time DESC
-                LIMIT {{limit:UInt32}}"""
+                LIMIT {{limit:UInt32}} SETTINGS join_use_nulls = 1"""
+            runs = []
+            for row in self._rows(sql, **params):
+                run = run_row(row[:_N_RUN_COLUMNS])
+                if row[_N_RUN_COLUMNS] == 1:
+                    joined[run["run_id"]] = {sort_metric: _aggregate(*row[_N_RUN_COLUMNS + 1:])}
+                runs.append(run)
         else:
             sql = f"""SELECT {RUN_COLUMNS} FROM {DB}.runs AS r FINAL WHERE {' AND '.join(where)}
                       ORDER BY r.created_time DESC LIMIT {{limit:UInt32}}"""
-        runs = [run_row(r) for r in self._rows(sql, **params)]
-        if wanted and runs:
-            # within one experiment, select its aggregates by experiment: binding 1,000 run ids into the
-            # query cost more than reading the few extra rows (8.7 vs 3.5 ms, docs/performance.md)
-            aggs = self.aggregates([r["run_id"] for r in runs], wanted, experiment=experiment)
+            runs = [run_row(r) for r in self._rows(sql, **params)]
+        # a run with the sort metric as a scalar or a list has no table columns of that name (the SDK keeps a
+        # name to one kind in a run), so when every run has it, it need not be read again
+        if sort_metric and len(joined) == len(runs):
+            wanted.remove(sort_metric)
+        # within one experiment, select its aggregates by experiment: binding 1,000 run ids into the query cost
+        # more than reading the few extra rows (8.7 vs 3.5 ms, docs/performance.md)
+        aggs = self.aggregates([r["run_id"] for r in runs], wanted, experiment=experiment) if wanted and runs else {}
+        if metrics or sort_metric:
             for r in runs:
-                r["metrics"] = aggs.get(r["run_id"], {})
+                r["metrics"] = {**joined.get(r["run_id"], {}), **aggs.get(r["run_id"], {})}
         return runs
 
     def run(self, run_id: str) -> dict[str, Any] | None:
@@ -242,7 +281,7 @@ class Queries:
         if names:
             where += " AND name IN {names:Array(String)}"
             params["names"] = names
-        rows = self._rows(f"""SELECT run_id, name, column, kind, count, min, max, first, last, last_text, last_step
+        rows = self._rows(f"""SELECT run_id, name, column, {agg_columns()}
                               FROM {DB}.metric_aggregates FINAL WHERE {where}""", **params)
         out: dict[str, dict[str, Any]] = {}
         wanted = set(run_ids)
@@ -250,10 +289,7 @@ class Queries:
             if run_id not in wanted:
                 continue
             key = f"{name}.{column}" if column else name
-            out.setdefault(run_id, {})[key] = {
-                # NaN and ±inf stay floats: the API writes them as JSON's NaN/Infinity tokens (docs/api.md)
-                "kind": kind, "count": int(count), "min": mn, "max": mx, "first": first,
-                "last": last_text if last_text and (last != last) else last, "last_step": int(last_step)}
+            out.setdefault(run_id, {})[key] = _aggregate(kind, count, mn, mx, first, last, last_text, last_step)
         return out
 
     def metrics(self, run_id: str, name: str | None = None, recursive: bool = False, live=None) -> dict[str, Any]:

@@ -384,3 +384,39 @@ def test_metrics_read_shows_the_live_tail_and_each_point_once(tmp_path):
     assert merged["note"] == {"note": ["note 0", "note 1", "note 2"]}
     store(pending, "b")
     assert merged == {name: q.metrics("run-1", name) for name in (None, "loss", "note", "curve")}
+
+
+def test_runs_sorted_by_a_metric_carry_each_runs_aggregates(tmp_path):
+    """`Queries.runs` with a sort metric takes that metric's aggregate from the sorting query itself, and reads
+    it again only for runs that lack it there: a run whose metric of that name is a table (columns), a run
+    without it. On a real chDB, the listing equals each run's aggregates read on their own, and the runs
+    without the metric come last in either order (they came first in ascending order until the join was
+    told to give them NULL)."""
+    import clickhouse_connect
+
+    from sinks.queries import Queries
+    from sinks.schema import migrate
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    runs = [("a", "e", 1), ("b", "e", 2), ("c", "e", 3), ("d", "other", 4), ("x", "all", 5), ("y", "all", 6)]
+    client.insert("runwatch.runs", [[r, e, "Completed", 1_700_000_000 + t, "{}", 1] for r, e, t in runs],
+                  column_names=["run_id", "experiment", "status", "created_time", "tags_json", "version"])
+    aggs = [("a", "e", "m", "", 1.0), ("b", "e", "m", "p", 0.1), ("b", "e", "m", "q", 0.2), ("a", "e", "n", "", 9.0),
+            ("d", "other", "m", "", 0.5), ("x", "all", "m", "", 3.0), ("y", "all", "m", "", 2.0),
+            ("y", "all", "n", "", 8.0)]
+    client.insert("runwatch.metric_aggregates",
+                  [[r, e, n, c, "row" if c else "scalar", 2, v, v + 1, v, v, "", 1, 1] for r, e, n, c, v in aggs],
+                  column_names=["run_id", "experiment", "name", "column", "kind", "count", "min", "max", "first",
+                                "last", "last_text", "last_step", "version"])
+    q = Queries(client)
+    for experiment, order, desc_order, metrics in (("e", ["a", "c", "b"], ["a", "c", "b"], ["m", "n"]),
+                                                   ("all", ["y", "x"], ["x", "y"], ["m"]),
+                                                   ("all", ["y", "x"], ["x", "y"], ["n"])):
+        listed = q.runs(experiment=experiment, sort_metric="m", sort="min", order="asc", metrics=metrics)
+        # the runs without the metric as a scalar go last, the newest first
+        assert [r["run_id"] for r in listed] == order
+        desc = q.runs(experiment=experiment, sort_metric="m", sort="min", order="desc", metrics=metrics)
+        assert [r["run_id"] for r in desc] == desc_order
+        alone = q.aggregates(order, list(dict.fromkeys(metrics + ["m"])))
+        assert {r["run_id"]: r["metrics"] for r in listed} == {r: alone.get(r, {}) for r in order}
