@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -802,6 +803,8 @@ def main() -> int:
                     help="run one group (mlflow includes training)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the 4-process ingest with py-spy instead (flame graphs in benchmarks/results/profiles/)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the benchmark's stores (gigabytes: chDB directories, broker logs) instead of deleting them")
     ap.add_argument("--no-spy", action="store_true",
                     help="with --profile: the same ingest on a fresh broker and worker, timed without py-spy attached")
     args = ap.parse_args()
@@ -833,6 +836,10 @@ def main() -> int:
             bench_training(args.quick, broker, tmp)
     finally:
         broker.stop()
+        if args.keep:
+            console.print(f"stores kept in {tmp}")
+        else:  # a full run leaves 4 GB: left in /tmp, they filled the disk, and chDB lost inserts
+            shutil.rmtree(tmp, ignore_errors=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "seconds": round(time.time() - t0, 1),

@@ -90,6 +90,7 @@ def main(runs: int = 1000, spy: bool = True) -> int:
     finally:
         w.stop()
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the stores of 10 M points: left in /tmp, they fill the disk
     return 0
 
 

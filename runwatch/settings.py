@@ -96,6 +96,10 @@ class Settings:
     #: Event bytes (decompressed) per sink insert: a fetch is written in chunks of this size, each with its
     #: own offset commit (16 MiB: about 600 k points).
     sink_max_batch_bytes: int = 16 << 20
+    #: On the embedded chDB: the sink writes nothing while the disk holding it has less free than this (MiB),
+    #: and says so in /api/health; the broker keeps the events until there is room. chDB reported a
+    #: streaming insert as written while a nearly full disk lost it (docs/reliability.md).
+    sink_min_free_mb: int = 256
     #: The read API shows a watched run's newest points from the stream before the sink has stored them
     #: (sinks/live.py): a run read in the last `live_watch_seconds` is watched, at most `live_max_runs` at
     #: once; the tail holds at most `live_max_points` points not stored yet, about 30 bytes each (a run

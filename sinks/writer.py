@@ -64,6 +64,8 @@ class _Prepared:
     """One chunk of a fetch, decoded and built, waiting for its insert."""
 
     ranges: dict[Any, tuple[int, int, list]]
+    #: a range replayed under a recorded intent is in it: ClickHouse may rightly drop its rows as a repeat
+    replay: bool = False
     tables: list[tuple[str, dict[str, pa.Table]]] = field(default_factory=list)  # (dedup token, tables)
     seen: dict[tuple[str, str, str], int] = field(default_factory=dict)
     events: int = 0
@@ -320,6 +322,25 @@ class _Appender:
         pass
 
 
+class DiskFullError(RuntimeError):
+    """The disk holding chDB has less free space than `sink_min_free_mb`."""
+
+
+class InsertLostError(RuntimeError):
+    """ClickHouse reported an insert as done that is not in the table."""
+
+
+#: tables of plain MergeTree: a merge never lowers their rows, so an insert's rows must all show
+APPEND_ONLY = frozenset({"metric_points", "log_lines", "dead_letters", "sink_intents"})
+
+
+def _chdb_dir(client) -> str | None:
+    path = getattr(client, "path", None)
+    if not isinstance(path, str) or path in ("", ":memory:") or not hasattr(client, "_backend"):
+        return None
+    return path if os.path.isdir(path) else None
+
+
 def _sql_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return str(v)
@@ -355,6 +376,10 @@ class ClickHouseSink:
         self._crash_after_inserts = int(arg) if kind == "crash-after-insert" else 0
         self._clickhouse_down_file = Path(arg) if kind == "clickhouse-down-while" else None
         self._inserts = 0
+        #: the embedded chDB's directory (free space is checked, inserts verified); None on a ClickHouse server
+        self._chdb_dir = _chdb_dir(client)
+        #: (token, table) of the inserts of a chunk verified as stored before a later one of it failed
+        self._kept: set[tuple[str, str]] = set()
         #: finished runs whose aggregates are to be checked against their stored points: run_id -> (due, tries)
         self._to_check: dict[str, tuple[float, int]] = {}
         self._next_check = 0.0
@@ -515,6 +540,7 @@ class ClickHouseSink:
         try:
             for i, chunk in enumerate(chunks):
                 ready = await nxt
+                ready.replay = any(tp in whole for tp in chunk)
                 nxt = (loop.run_in_executor(self._build_pool, self._prepare, chunks[i + 1], ready.seen)
                        if i + 1 < len(chunks) else None)
                 await self._run(lambda: self._insert(ready))
@@ -556,17 +582,26 @@ class ClickHouseSink:
         """Write one prepared chunk: its intent first, then its tables (the insert thread)."""
         if self._clickhouse_down_file is not None and self._clickhouse_down_file.exists():
             raise ConnectionError("ClickHouse is unavailable (injected by RUNWATCH_TEST_FAULT)")
+        if self._chdb_dir is not None:
+            self._check_free_space()
         ranges = ready.ranges
+        # on chDB every insert is checked (`_stored`), except where ClickHouse may rightly drop a replayed range
+        verify = self._chdb_dir is not None and not ready.replay
+        parts = self._stored_parts() if verify else {}
         # through the same path as the data (on chDB: no temporary file for every batch's intent)
-        insert_arrow(self.client, f"{DB}.sink_intents", pa.table({
+        intent = ",".join(f"{tp.topic}:{tp.partition}:{start}:{end}" for tp, (start, end, _) in ranges.items())
+        self._insert_one(intent, "sink_intents", pa.table({
             "group_id": pa.array([self.group_id] * len(ranges)), "topic": pa.array([tp.topic for tp in ranges]),
             "partition": pa.array([tp.partition for tp in ranges], pa.int32()),
             "start_offset": pa.array([start for start, _, _ in ranges.values()], pa.int64()),
-            "end_offset": pa.array([end for _, end, _ in ranges.values()], pa.int64())}), {"async_insert": 0})
+            "end_offset": pa.array([end for _, end, _ in ranges.values()], pa.int64())}), None, parts, verify)
         for token, tables in ready.tables:
             for table, data in tables.items():
-                insert_arrow(self.client, f"{DB}.{table}", data, {
-                    "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+                self._insert_one(token, table, data, {
+                    "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1}, parts, verify)
+        self._kept.clear()
+        for token, tables in ready.tables:
+            for table, data in tables.items():
                 self.stats.rows[table] += data.num_rows
                 if table == "dead_letters":
                     self.stats.dead_letters += data.num_rows
@@ -584,6 +619,44 @@ class ClickHouseSink:
         if self._crash_after_inserts and self._inserts >= self._crash_after_inserts:
             log.error("runwatch sink: crashing after an insert, before its offset commit (RUNWATCH_TEST_FAULT)")
             os._exit(137)
+
+    def _check_free_space(self) -> None:
+        st = os.statvfs(self._chdb_dir)
+        free_mb = st.f_bavail * st.f_frsize / (1 << 20)
+        if free_mb < self.settings.sink_min_free_mb:
+            raise DiskFullError(
+                f"only {free_mb:,.0f} MiB free on the disk of {self._chdb_dir} (the sink keeps "
+                f"sink_min_free_mb = {self.settings.sink_min_free_mb:,}); nothing is written until there is "
+                "room, and the broker keeps the events")
+
+    def _insert_one(self, token: str, table: str, data: pa.Table, settings: dict[str, Any] | None,
+                    parts: dict[str, tuple[int, int]], verify: bool) -> None:
+        """One insert of a chunk. Verified (on chDB), it must show as a new part (a higher block number: a
+        merge keeps the highest of its parts) and, in the tables that never replace rows, as its rows; only
+        the sink writes these tables, on this thread. chDB reported a streaming insert as written and kept
+        nothing when the disk was nearly full. A verified insert is not made again when its chunk is retried
+        (ClickHouse would drop the repeat, and the check would take that for a loss)."""
+        if data.num_rows == 0 or (token, table) in self._kept:
+            return
+        insert_arrow(self.client, f"{DB}.{table}", data, settings or {"async_insert": 0})
+        if not verify:
+            return
+        rows0, block0 = parts.get(table, (0, 0))
+        rows1, block1 = parts[table] = self._stored_parts(table).get(table, (0, 0))
+        if block1 <= block0 or (table in APPEND_ONLY and rows1 - rows0 < data.num_rows):
+            st = os.statvfs(self._chdb_dir)
+            raise InsertLostError(
+                f"ClickHouse took an insert into {table} and stored {max(0, rows1 - rows0):,} of its "
+                f"{data.num_rows:,} rows ({st.f_bavail * st.f_frsize / (1 << 20):,.0f} MiB free on the disk of "
+                f"{self._chdb_dir}); nothing is committed, and the chunk is written again")
+        self._kept.add((token, table))
+
+    def _stored_parts(self, table: str | None = None) -> dict[str, tuple[int, int]]:
+        """Per table: the rows in its active parts and their highest block number."""
+        where = "" if table is None else f" AND table = '{table}'"
+        return {t: (int(rows), int(block)) for t, rows, block in self.client.query(
+            f"SELECT table, sum(rows), max(max_block_number) FROM system.parts WHERE database = '{DB}' AND active"
+            f"{where} GROUP BY table").result_rows}
 
     def _check_aggregates_safely(self) -> None:
         """A check that fails must never hold up the stream: the runs are looked at again later."""

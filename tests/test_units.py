@@ -294,6 +294,69 @@ def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
     assert sink._to_check["r1"][0] >= time.time() + 4
 
 
+def _sink_chunk(tmp_path, **settings):
+    """A sink on a real chDB with one prepared chunk of three metric events (30 points), not inserted yet."""
+    import clickhouse_connect
+    from aiokafka import TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    from runwatch.events import encode
+    from sinks.schema import migrate
+    from sinks.writer import ClickHouseSink
+
+    client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
+    migrate(client)
+    sink = ClickHouseSink(Settings.load(**settings), client, "127.0.0.1:1")
+    tp = TopicPartition(sink.settings.topic("metrics"), 0)
+    names = [MetricName(name="loss", kind="scalar", dtype="float")]
+    msgs = [ConsumerRecord(tp.topic, 0, i, 0, 0, b"run-1", encode(make_envelope("run-1", "exp", MetricBatch.from_arrays(
+        names, np.zeros(10, np.uint32), np.arange(10) + 10 * i, 1_700_000_000_000_000 + np.arange(10), np.ones(10)), i)),
+        None, 5, 0, []) for i in range(3)]
+    return client, sink, sink._prepare({tp: (0, 2, msgs)}, {})
+
+
+def _count(client, table: str) -> int:
+    return client.query(f"SELECT count() FROM runwatch.{table}").result_rows[0][0]
+
+
+def test_the_sink_never_counts_an_insert_chdb_did_not_keep(tmp_path):
+    """chDB reported a streaming insert as written and kept nothing when its disk was nearly full, and the
+    sink committed the offsets: points lost without a word. Now every insert on chDB must show as a new part
+    (and its rows, in append-only tables), or the chunk fails and nothing is committed. ClickHouse drops an
+    insert whose deduplication token it has seen, which from the sink looks exactly like that loss."""
+    from sinks.writer import InsertLostError, insert_arrow
+
+    client, sink, ready = _sink_chunk(tmp_path)
+    assert sink._chdb_dir == str(tmp_path / "chdb")
+    token, tables = ready.tables[0]
+    insert_arrow(client, "runwatch.metric_points", tables["metric_points"].slice(0, 1),
+                 {"insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+    for attempt in range(2):
+        with pytest.raises(InsertLostError, match="metric_points and stored 0 of its 30 rows"):
+            sink._insert(ready)
+        # the intent was stored and verified once: a retry does not write it again
+        assert _count(client, "sink_intents") == 1 and _count(client, "metric_points") == 1
+        assert sink.stats.events == 0 and sink.stats.rows["metric_points"] == 0 and not sink._stored_next
+    # a chunk whose token is new is stored, verified and counted; its intent's check passes again
+    ready.tables[0] = (token + ":new", tables)
+    sink._insert(ready)
+    assert _count(client, "metric_points") == 31 and sink.stats.events == 3 and not sink._kept
+
+
+def test_the_sink_writes_nothing_while_the_disk_is_nearly_full(tmp_path):
+    """Below `sink_min_free_mb` free on chDB's disk the sink inserts nothing and says why; it retries, and the
+    broker keeps the events (here the limit is set above the disk's free space)."""
+    from sinks.writer import DiskFullError
+
+    client, sink, ready = _sink_chunk(tmp_path, sink_min_free_mb=1 << 40)
+    with pytest.raises(DiskFullError, match=r"MiB free on the disk of .*sink_min_free_mb = 1,099,511,627,776"):
+        sink._insert(ready)
+    assert _count(client, "sink_intents") == 0 and _count(client, "metric_points") == 0
+    sink.settings = Settings.load(sink_min_free_mb=0)
+    sink._insert(ready)
+    assert _count(client, "metric_points") == 30
+
+
 def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypatch):
     """A store written by an earlier runwatch (schema 2, metric_points in ZSTD) takes the later migrations
     on the worker's next start: its points stay readable, the columns' codec becomes LZ4, new points are
