@@ -363,6 +363,10 @@ class ClickHouseSink:
         self.ready = False
         self.error: str | None = None
         self._forced_end: dict[Any, int] = {}
+        #: ranges of a chunk that failed in this process: written again exactly, with the same tokens, and
+        #: verified, since what of them is stored is known (`_kept`); ranges replayed after a crash are not
+        self._retry_end: dict[Any, int] = {}
+        self._retried: set = set()
         self._pending: dict[Any, list] = defaultdict(list)
         self._last_seq: dict[tuple[str, str, str], int] = {}
         #: per partition, the first offset not stored yet (the live tail keeps watched runs' events from there)
@@ -374,12 +378,15 @@ class ClickHouseSink:
         fault = os.environ.get("RUNWATCH_TEST_FAULT", "")
         kind, _, arg = fault.partition(":")
         self._crash_after_inserts = int(arg) if kind == "crash-after-insert" else 0
+        self._fail_after_inserts = int(arg) if kind == "fail-after-insert" else 0
         self._clickhouse_down_file = Path(arg) if kind == "clickhouse-down-while" else None
         self._inserts = 0
         #: the embedded chDB's directory (free space is checked, inserts verified); None on a ClickHouse server
         self._chdb_dir = _chdb_dir(client)
-        #: (token, table) of the inserts of a chunk verified as stored before a later one of it failed
+        #: (token, table) of the inserts of a chunk verified as stored before a later one of it failed, and of
+        #: those made whose check failed
         self._kept: set[tuple[str, str]] = set()
+        self._unchecked: set[tuple[str, str]] = set()
         #: finished runs whose aggregates are to be checked against their stored points: run_id -> (due, tries)
         self._to_check: dict[str, tuple[float, int]] = {}
         self._next_check = 0.0
@@ -498,6 +505,9 @@ class ClickHouseSink:
                 else:
                     self.consumer.seek(tp, committed)
             self._pending.clear()
+            self._forced_end.update(self._retry_end)
+            self._retried.update(self._retry_end)
+            self._retry_end = {}
         except Exception:
             await self.stop()
 
@@ -540,10 +550,20 @@ class ClickHouseSink:
         try:
             for i, chunk in enumerate(chunks):
                 ready = await nxt
-                ready.replay = any(tp in whole for tp in chunk)
+                ready.replay = any(tp in whole and tp not in self._retried for tp in chunk)
                 nxt = (loop.run_in_executor(self._build_pool, self._prepare, chunks[i + 1], ready.seen)
                        if i + 1 < len(chunks) else None)
-                await self._run(lambda: self._insert(ready))
+                try:
+                    await self._run(lambda: self._insert(ready))
+                except Exception:
+                    # a later fetch could cut this range elsewhere, and its rows stored so far would come again
+                    # under other tokens: the retry writes exactly this chunk's ranges
+                    self._retry_end = {tp: end for tp, (_, end, _) in chunk.items()}
+                    raise
+                self._retried.difference_update(chunk)
+                if not self._retried:  # a retried chunk comes back as one chunk per range: all of them written
+                    self._kept.clear()
+                    self._unchecked.clear()
                 await self.consumer.commit({tp: end + 1 for tp, (_, end, _) in chunk.items()})
                 self.stats.batches += 1
                 self.stats.last_insert_ts = time.time()
@@ -599,7 +619,9 @@ class ClickHouseSink:
             for table, data in tables.items():
                 self._insert_one(token, table, data, {
                     "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1}, parts, verify)
-        self._kept.clear()
+        if self._fail_after_inserts and self._inserts + 1 == self._fail_after_inserts:
+            self._fail_after_inserts = 0
+            raise RuntimeError("failing after a chunk's inserts, before its commit (injected by RUNWATCH_TEST_FAULT)")
         for token, tables in ready.tables:
             for table, data in tables.items():
                 self.stats.rows[table] += data.num_rows
@@ -639,10 +661,15 @@ class ClickHouseSink:
         if data.num_rows == 0 or (token, table) in self._kept:
             return
         insert_arrow(self.client, f"{DB}.{table}", data, settings or {"async_insert": 0})
-        if not verify:
-            return
+        if not verify or (token, table) in self._unchecked:
+            return  # made once already without a check: ClickHouse may rightly drop it now as a repeat
         rows0, block0 = parts.get(table, (0, 0))
-        rows1, block1 = parts[table] = self._stored_parts(table).get(table, (0, 0))
+        try:
+            after = self._stored_parts(table)
+        except Exception:
+            self._unchecked.add((token, table))
+            raise
+        rows1, block1 = parts[table] = after.get(table, (0, 0))
         if block1 <= block0 or (table in APPEND_ONLY and rows1 - rows0 < data.num_rows):
             st = os.statvfs(self._chdb_dir)
             raise InsertLostError(
