@@ -277,20 +277,27 @@ def test_malformed_events_go_to_the_dead_letters(stack_env):
     visible(worker, run.id, status="Completed", metric="after junk", count=1)
 
 
+def log_series(run, flushes: int, per_flush: int, after_flush) -> int:
+    """Log 0, 1, 2, ... as metric `x`, `per_flush` points at a time, flushing each time and then calling
+    `after_flush(i)`; the number of points logged."""
+    total = 0
+    for i in range(flushes):
+        for _ in range(per_flush):
+            run.log("x", float(total))
+            total += 1
+        run.flush()
+        after_flush(i)
+    return total
+
+
 def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
     w = Worker(broker, tmp_path / "wk", f"kill{tmp_path.name[-6:]}.").start()
     point_sdk_at(monkeypatch, w, tmp_path / "sdk", flush_interval="0.02")
     try:
         exp = Experiment(Workspace.from_config(), unique_name())
         run = exp.start_logging()
-        total = 0
-        for chunk in range(40):
-            for i in range(5000):
-                run.log("x", float(total))
-                total += 1
-            run.flush()
-            if chunk == 20:
-                w.kill()  # SIGKILL while batches are in flight
+        # SIGKILL while batches are in flight
+        total = log_series(run, 40, 5000, lambda flush: w.kill() if flush == 20 else None)
         run.complete()
         w2 = Worker(broker, w.home, w.prefix)
         w2.api_port = w.api_port
@@ -326,13 +333,8 @@ def test_a_chunk_failing_after_its_inserts_is_written_again_once(broker, tmp_pat
     point_sdk_at(monkeypatch, w, tmp_path / "sdk")
     try:
         run = Experiment(Workspace.from_config(), unique_name()).start_logging()
-        total = 0
-        for chunk in range(30):
-            for i in range(2000):
-                run.log("x", float(total))
-                total += 1
-            run.flush()
-            time.sleep(0.05)  # the sink fetches a few events at a time: many chunks, the retried one among them
+        # the sink fetches a few events at a time: many chunks, the retried one among them
+        total = log_series(run, 30, 2000, lambda flush: time.sleep(0.05))
         run.complete()
         visible(w, run.id, status="Completed", metric="x", count=total)
         stored = wait_until(lambda: (v := w.get(f"/api/runs/{run.id}/metrics", name="x", stored="true").get("x"))
