@@ -284,15 +284,21 @@ def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(arrays)
 
 
+def _chdb_handle(client):
+    """The chDB engine handle of a clickhouse-connect client on chDB (with its lock); None elsewhere."""
+    handle = getattr(getattr(client, "_backend", None), "_handle", None)
+    return handle if hasattr(getattr(handle, "conn", None), "send_insert") else None
+
+
 def insert_arrow(client, table: str, data: pa.Table, settings: dict[str, Any]) -> None:
     """Insert an Arrow table. On chDB, stream it to the engine as ArrowStream through the client's own
     connection and lock: clickhouse-connect's chDB backend writes every insert to a temporary file first,
     which cost the sink a fifth of its time (docs/performance.md). Elsewhere, the client's insert_arrow."""
-    handle = getattr(getattr(client, "_backend", None), "_handle", None)
-    conn = getattr(handle, "conn", None)
-    if conn is None or not hasattr(conn, "send_insert"):
+    handle = _chdb_handle(client)
+    if handle is None:
         client.insert_arrow(table, data, settings=settings)
         return
+    conn = handle.conn
     clause = ", ".join(f"{k} = {_sql_value(v)}" for k, v in settings.items())
     cols = ", ".join(f"`{c}`" for c in data.column_names)
     with handle.lock:
@@ -335,10 +341,9 @@ APPEND_ONLY = frozenset({"metric_points", "log_lines", "dead_letters", "sink_int
 
 
 def _chdb_dir(client) -> str | None:
+    """The directory of a client's chDB engine; None for a ClickHouse server or chDB in memory."""
     path = getattr(client, "path", None)
-    if not isinstance(path, str) or path in ("", ":memory:") or not hasattr(client, "_backend"):
-        return None
-    return path if os.path.isdir(path) else None
+    return path if _chdb_handle(client) is not None and isinstance(path, str) and os.path.isdir(path) else None
 
 
 def _sql_value(v: Any) -> str:
@@ -362,11 +367,10 @@ class ClickHouseSink:
         self.consumer = None
         self.ready = False
         self.error: str | None = None
-        self._forced_end: dict[Any, int] = {}
-        #: ranges of a chunk that failed in this process: written again exactly, with the same tokens, and
-        #: verified, since what of them is stored is known (`_kept`); ranges replayed after a crash are not
-        self._retry_end: dict[Any, int] = {}
-        self._retried: set = set()
+        #: ranges to write again exactly as before, with the same tokens: tp -> (last offset, replay). A replay
+        #: (an intent found after a crash) may be stored already, so ClickHouse may rightly drop its rows; a
+        #: retry (a chunk that failed in this process) is checked, since what of it is stored is known (`_kept`)
+        self._forced_end: dict[Any, tuple[int, bool]] = {}
         self._pending: dict[Any, list] = defaultdict(list)
         self._last_seq: dict[tuple[str, str, str], int] = {}
         #: per partition, the first offset not stored yet (the live tail keeps watched runs' events from there)
@@ -446,7 +450,7 @@ class ClickHouseSink:
         for tp, start in starts.items():
             end = intents.get((tp.topic, tp.partition, start))
             if end is not None:
-                self._forced_end[tp] = int(end)
+                self._forced_end[tp] = (int(end), True)
                 log.warning("runwatch sink: replaying %s[%d] offsets %d..%d after an unfinished commit",
                             tp.topic, tp.partition, start, end)
 
@@ -505,9 +509,6 @@ class ClickHouseSink:
                 else:
                     self.consumer.seek(tp, committed)
             self._pending.clear()
-            self._forced_end.update(self._retry_end)
-            self._retried.update(self._retry_end)
-            self._retry_end = {}
         except Exception:
             await self.stop()
 
@@ -523,10 +524,11 @@ class ClickHouseSink:
 
     async def process(self, batch: dict) -> None:
         ranges: dict[Any, tuple[int, int, list]] = {}
-        whole: set = set()  # ranges replayed under a recorded intent: inserted as they were, never split
+        whole: set = set()  # forced ranges: inserted as they were, never split
+        replayed: set = set()  # of them, those replayed after a crash
         for tp, msgs in batch.items():
-            forced = self._forced_end.get(tp)
-            if forced is not None:
+            if tp in self._forced_end:
+                forced, replay = self._forced_end[tp]
                 self._pending[tp].extend(msgs)
                 got = self._pending[tp]
                 if got[-1].offset < forced:
@@ -536,6 +538,8 @@ class ClickHouseSink:
                 del self._forced_end[tp]
                 self.consumer.seek(tp, forced + 1)
                 whole.add(tp)
+                if replay:
+                    replayed.add(tp)
             if msgs:
                 ranges[tp] = (msgs[0].offset, msgs[-1].offset, msgs)
         if not ranges:
@@ -550,7 +554,7 @@ class ClickHouseSink:
         try:
             for i, chunk in enumerate(chunks):
                 ready = await nxt
-                ready.replay = any(tp in whole and tp not in self._retried for tp in chunk)
+                ready.replay = any(tp in replayed for tp in chunk)
                 nxt = (loop.run_in_executor(self._build_pool, self._prepare, chunks[i + 1], ready.seen)
                        if i + 1 < len(chunks) else None)
                 try:
@@ -558,15 +562,16 @@ class ClickHouseSink:
                 except Exception:
                     # a later fetch could cut this range elsewhere, and its rows stored so far would come again
                     # under other tokens: the retry writes exactly this chunk's ranges
-                    self._retry_end = {tp: end for tp, (_, end, _) in chunk.items()}
+                    self._forced_end.update({tp: (end, False) for tp, (_, end, _) in chunk.items()})
                     raise
-                self._retried.difference_update(chunk)
-                if not self._retried:  # a retried chunk comes back as one chunk per range: all of them written
-                    self._kept.clear()
-                    self._unchecked.clear()
                 await self.consumer.commit({tp: end + 1 for tp, (_, end, _) in chunk.items()})
                 self.stats.batches += 1
                 self.stats.last_insert_ts = time.time()
+            # a retried chunk comes back as one chunk per range, maybe over several fetches: once all are written,
+            # what was kept of it is no longer needed
+            if all(replay for _, replay in self._forced_end.values()):
+                self._kept.clear()
+                self._unchecked.clear()
         finally:
             if nxt is not None:  # a chunk failed: the one built ahead is dropped (the stream rewinds)
                 await asyncio.gather(nxt, return_exceptions=True)
@@ -605,7 +610,7 @@ class ClickHouseSink:
         if self._chdb_dir is not None:
             self._check_free_space()
         ranges = ready.ranges
-        # on chDB every insert is checked (`_stored`), except where ClickHouse may rightly drop a replayed range
+        # on chDB every insert is checked (`_insert_one`), except where ClickHouse may rightly drop a replayed range
         verify = self._chdb_dir is not None and not ready.replay
         parts = self._stored_parts() if verify else {}
         # through the same path as the data (on chDB: no temporary file for every batch's intent)
@@ -642,9 +647,12 @@ class ClickHouseSink:
             log.error("runwatch sink: crashing after an insert, before its offset commit (RUNWATCH_TEST_FAULT)")
             os._exit(137)
 
-    def _check_free_space(self) -> None:
+    def _free_mb(self) -> float:
         st = os.statvfs(self._chdb_dir)
-        free_mb = st.f_bavail * st.f_frsize / (1 << 20)
+        return st.f_bavail * st.f_frsize / (1 << 20)
+
+    def _check_free_space(self) -> None:
+        free_mb = self._free_mb()
         if free_mb < self.settings.sink_min_free_mb:
             raise DiskFullError(
                 f"only {free_mb:,.0f} MiB free on the disk of {self._chdb_dir} (the sink keeps "
@@ -671,10 +679,9 @@ class ClickHouseSink:
             raise
         rows1, block1 = parts[table] = after.get(table, (0, 0))
         if block1 <= block0 or (table in APPEND_ONLY and rows1 - rows0 < data.num_rows):
-            st = os.statvfs(self._chdb_dir)
             raise InsertLostError(
                 f"ClickHouse took an insert into {table} and stored {max(0, rows1 - rows0):,} of its "
-                f"{data.num_rows:,} rows ({st.f_bavail * st.f_frsize / (1 << 20):,.0f} MiB free on the disk of "
+                f"{data.num_rows:,} rows ({self._free_mb():,.0f} MiB free on the disk of "
                 f"{self._chdb_dir}); nothing is committed, and the chunk is written again")
         self._kept.add((token, table))
 
