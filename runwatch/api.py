@@ -10,6 +10,7 @@ import logging
 import math
 from typing import Any, Callable
 
+import ujson
 from aiohttp import web
 
 from sinks.files import FileError, FileStore
@@ -21,8 +22,10 @@ log = logging.getLogger("runwatch.api")
 
 
 def _dumps(value: Any) -> str:
-    # NaN and ±inf are written as JSON's NaN / Infinity tokens, which Python's json (and so the SDK) reads back
-    return json.dumps(value, default=str)
+    # NaN and ±inf are written as JSON's NaN / Infinity tokens, which Python's json (and so the SDK) reads back.
+    # ujson writes what json.dumps writes (floats shortest round-trip, non-ASCII escaped), 3× faster: 4.1 ms
+    # of the cross-run query's ~20 ms of CPU were json.dumps of its 600 KB (docs/performance.md)
+    return ujson.dumps(value, default=str, escape_forward_slashes=False)
 
 
 def _bool(value: str | None) -> bool:

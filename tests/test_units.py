@@ -483,3 +483,32 @@ def test_runs_sorted_by_a_metric_carry_each_runs_aggregates(tmp_path):
         assert [r["run_id"] for r in desc] == desc_order
         alone = q.aggregates(order, list(dict.fromkeys(metrics + ["m"])))
         assert {r["run_id"]: r["metrics"] for r in listed} == {r: alone.get(r, {}) for r in order}
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1) | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_the_api_writes_what_json_dumps_writes(value):
+    """The read API encodes with ujson for speed; what a client reads back must be what json.dumps wrote:
+    NaN and ±inf as tokens, floats to the last bit, any text (slashes, control characters, non-ASCII)."""
+    import json
+
+    from runwatch.api import _dumps
+
+    assert json.dumps(json.loads(_dumps(value))) == json.dumps(value)
+
+
+def test_the_api_writes_other_values_as_text():
+    import datetime as dt
+    import json
+
+    from runwatch.api import _dumps
+
+    when = dt.datetime(2026, 11, 30, 5, 0, tzinfo=dt.timezone.utc)
+    assert json.loads(_dumps({"t": when, "n": float("nan")}))["t"] == str(when)
+    assert _dumps(["a/b"]) == '["a/b"]'
