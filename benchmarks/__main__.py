@@ -1,5 +1,6 @@
 """runwatch benchmarks: `python -m benchmarks [--quick]` (or `./dev bench`). Figures print as they come and
-are written to benchmarks/results/latest.json and latest.md. Each figure names its baseline from the same run."""
+are written to benchmarks/results/latest.json and latest.md (or `--out DIR`). Each figure names its baseline
+from the same run."""
 
 from __future__ import annotations
 
@@ -807,6 +808,8 @@ def main() -> int:
                     help="keep the benchmark's stores (gigabytes: chDB directories, broker logs) instead of deleting them")
     ap.add_argument("--no-spy", action="store_true",
                     help="with --profile: the same ingest on a fresh broker and worker, timed without py-spy attached")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", metavar="DIR",
+                    help="where latest.json and latest.md are written (default: benchmarks/results)")
     args = ap.parse_args()
     if args.profile:
         from benchmarks.profile import main as profile
@@ -840,8 +843,8 @@ def main() -> int:
             console.print(f"stores kept in {tmp}")
         else:  # a full run leaves 4 GB: left in /tmp, they filled the disk, and chDB lost inserts
             shutil.rmtree(tmp, ignore_errors=True)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "seconds": round(time.time() - t0, 1),
             "cpus": os.cpu_count()}
     (out / "latest.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=2))
