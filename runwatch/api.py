@@ -23,8 +23,9 @@ log = logging.getLogger("runwatch.api")
 
 def _dumps(value: Any) -> str:
     # NaN and ±inf are written as JSON's NaN / Infinity tokens, which Python's json (and so the SDK) reads back.
-    # ujson writes what json.dumps writes (floats shortest round-trip, non-ASCII escaped), 3× faster: 4.1 ms
-    # of the cross-run query's ~20 ms of CPU were json.dumps of its 600 KB (docs/performance.md)
+    # ujson writes what json.dumps writes (floats shortest round-trip, non-ASCII escaped, other types through
+    # `str`; only a Decimal, which no query returns, comes out as a number), 3× faster: json.dumps of the
+    # cross-run query's 600 KB took 3.8 ms of its ~17 ms of CPU (docs/performance.md)
     return ujson.dumps(value, default=str, escape_forward_slashes=False)
 
 
