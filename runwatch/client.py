@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+import ujson
+
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -123,7 +125,9 @@ def _result(resp: httpx.Response) -> Any:
         raise NotFound(_message(resp))
     if resp.status_code >= 400:
         raise ApiError(f"read API error {resp.status_code}: {_message(resp)}")
-    return resp.json()
+    # ujson reads NaN / Infinity tokens and every float to the last bit, as json.loads does, ~3× faster: a long
+    # series' get_metrics() is mostly this parse (docs/performance.md)
+    return ujson.loads(resp.content)
 
 
 def _message(resp: httpx.Response) -> str:
