@@ -149,8 +149,8 @@ class Queries:
             # the sort metric's aggregate comes with its run: a second query for it cost the query over 1,000
             # runs a fifth of its time (docs/performance.md)
             sql = f"""
-                SELECT {run_columns("r.")}, a.matched, {agg_columns("a.")} FROM {DB}.runs AS r FINAL
-                LEFT JOIN (SELECT run_id, {sort} AS sort_value, 1 AS matched, {agg_columns()}
+                SELECT {run_columns("r.")}, {agg_columns("a.")} FROM {DB}.runs AS r FINAL
+                LEFT JOIN (SELECT run_id, {sort} AS sort_value, {agg_columns()}
                            FROM {DB}.metric_aggregates FINAL
                            WHERE name = {{sort_metric:String}} AND column = ''{in_experiment}) AS a
                           ON a.run_id = r.run_id
@@ -160,8 +160,8 @@ class Queries:
             runs = []
             for row in self._rows(sql, **params):
                 run = run_row(row[:_N_RUN_COLUMNS])
-                if row[_N_RUN_COLUMNS] == 1:
-                    joined[run["run_id"]] = {sort_metric: _aggregate(*row[_N_RUN_COLUMNS + 1:])}
+                if row[_N_RUN_COLUMNS] is not None:  # the aggregate's kind: NULL when the run has no such scalar
+                    joined[run["run_id"]] = {sort_metric: _aggregate(*row[_N_RUN_COLUMNS:])}
                 runs.append(run)
         else:
             sql = f"""SELECT {RUN_COLUMNS} FROM {DB}.runs AS r FINAL WHERE {' AND '.join(where)}

@@ -9,9 +9,8 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 SDK_FIGURES = {
     "log() p50, broker up", "log() p99, broker up", "list.append floor p50", "log() p50 / floor p50",
