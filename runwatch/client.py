@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-import ujson
-
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -126,7 +124,10 @@ def _result(resp: httpx.Response) -> Any:
     if resp.status_code >= 400:
         raise ApiError(f"read API error {resp.status_code}: {_message(resp)}")
     # ujson reads NaN / Infinity tokens and every float to the last bit, as json.loads does, ~3× faster: a long
-    # series' get_metrics() is mostly this parse (docs/performance.md)
+    # series' get_metrics() is mostly this parse (docs/performance.md). Imported here, as httpx is: the SDK
+    # imports this module when a training script starts, and most never read anything back
+    import ujson
+
     return ujson.loads(resp.content)
 
 
