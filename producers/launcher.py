@@ -30,8 +30,8 @@ from typing import Any
 
 from runwatch.client import ApiClient, RunwatchError
 from runwatch.events import PropertiesSet, RunStatus, StatusChanged, TERMINAL_STATES
-from runwatch.filenames import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, driver_log,
-                                execution_log, job_post_log, job_prep_log)
+from runwatch.filenames import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, PROCESSES_PROPERTY,
+                                driver_log, execution_log, job_post_log, job_prep_log)
 from runwatch.settings import Settings
 from runwatch.stack import free_port
 
@@ -115,7 +115,7 @@ def submit(experiment: Any, config: ScriptRunConfig, tags: dict[str, Any] | None
     procs = config.node_count * config.process_count_per_node
     props = {"_runwatch.script": config.script, "_runwatch.source_directory": str(source),
              "_runwatch.nodes": str(config.node_count), "_runwatch.processes_per_node": str(config.process_count_per_node),
-             "_runwatch.processes": str(procs), "_runwatch.snapshot_files": str(info.files),
+             PROCESSES_PROPERTY: str(procs), "_runwatch.snapshot_files": str(info.files),
              "_runwatch.snapshot_bytes": str(info.bytes)}
     run = Run._start(experiment, display_name=display_name or Path(config.script).stem, run_id=run_id,
                      run_type=RUN_TYPE, status=S.Queued, compute_target=config.compute_target, properties=props,

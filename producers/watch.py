@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from runwatch.client import NotFound, RunwatchError
 from runwatch.events import TERMINAL_STATES
-from runwatch.filenames import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY
+from runwatch.filenames import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY, PROCESSES_PROPERTY
 
 _TERMINAL = {s.value for s in TERMINAL_STATES}
 
@@ -37,10 +37,22 @@ class OutputFollower:
         self.fixed = files
         self.cursor: dict[str, int] = {}
         self.printed: dict[str, int] = {}
+        #: how many processes the run starts (its submit recorded it), looked up once there is output
+        self.processes: int | None = None
+
+    def _several(self, files: list[str]) -> bool:
+        """Whether lines are prefixed by rank: the run starts several processes. Known from the run itself, not
+        from the files seen so far: one rank's first lines are often stored before another's file exists."""
+        if self.fixed is not None:
+            return len(self.fixed) > 1
+        if self.processes is None and files:
+            count = str((self.api.get(f"/api/runs/{self.run_id}").get("properties") or {}).get(PROCESSES_PROPERTY, ""))
+            self.processes = int(count) if count.isdigit() else 1  # not a submitted run (or a property set by hand)
+        return (self.processes or 1) > 1 or len(files) > 1 or len(self.cursor) > 1
 
     def poll(self) -> int:
         files = self.fixed or driver_files(self.api.get(f"/api/runs/{self.run_id}/files"))
-        several = len(files) > 1 or (self.fixed is None and len(self.cursor) > 1)
+        several = self._several(files)
         n = 0
         for f in files:
             while True:

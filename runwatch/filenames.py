@@ -15,6 +15,8 @@ PROCESS_STATUS = "azureml-logs/process_status.json"
 LAUNCHER_LOG = "logs/azureml/launcher_azureml.log"
 #: The run property where the launcher records how many lines each log file has (readers wait for them).
 LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
+#: The run property where `submit` records how many processes the run starts.
+PROCESSES_PROPERTY = "_runwatch.processes"
 
 
 def driver_log(rank: int) -> str:
