@@ -7,7 +7,6 @@ COPY producers ./producers
 COPY processors ./processors
 COPY sinks ./sinks
 COPY dashboards ./dashboards
-COPY benchmarks ./benchmarks
 RUN pip install --no-cache-dir . && useradd --create-home --uid 1000 runwatch && mkdir /data && chown runwatch /data
 USER runwatch
 ENV RUNWATCH_HOME=/data

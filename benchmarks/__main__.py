@@ -355,9 +355,9 @@ DASHBOARDS = r'''
 import json, os, statistics, sys, time
 from datetime import datetime, timedelta, timezone
 import numpy as np, pyarrow as pa, clickhouse_connect
-from dashboards.build import build_all
-from dashboards.evaluate import panel_queries, resolve
-from sinks.schema import migrate
+from runwatch.dashboards.build import build_all
+from runwatch.dashboards.evaluate import panel_queries, resolve
+from runwatch.sinks.schema import migrate
 runs, metrics, steps = (int(x) for x in os.environ["BENCH_SHAPE"].split("x"))
 c = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
 migrate(c)
@@ -488,7 +488,7 @@ print(json.dumps({"points": n, "seconds": time.perf_counter() - t0}))
 def _worker(broker, home: Path, prefix: str):
     """A worker with the product's settings (the tests' Worker checks finished runs' aggregates after 1 s
     instead of the default 10 s, to keep the tests short); started."""
-    from runwatch.settings import Settings
+    from runwatch.core.settings import Settings
     from tests.conftest import Worker
 
     delay = Settings().aggregates_check_delay

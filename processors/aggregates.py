@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.events import MetricBatch
+from runwatch.core.events import MetricBatch
 
 # state row layout: [count, min, max, first, last, last_step, last_ts_us, last_text, kind, first_ts_us]
 COUNT, MIN, MAX, FIRST, LAST, LAST_STEP, LAST_TS, LAST_TEXT, KIND, FIRST_TS = range(10)

@@ -11,8 +11,8 @@ from typing import Any
 
 import faust
 
-from runwatch.events import Alert, DeadLetter, Envelope, EventError, LogBatch, decode, encode, make_envelope
-from runwatch.settings import Settings
+from runwatch.core.events import Alert, DeadLetter, Envelope, EventError, LogBatch, decode, encode, make_envelope
+from runwatch.core.settings import Settings
 
 from .logic import MetricsLogic, Rejected, RunStateLogic, derived_id, update_tails
 from .notify import Webhook
@@ -56,7 +56,7 @@ class Processors:
             broker_commit_interval=1.0,
             producer_acks=-1,
             producer_linger_ms=5,
-            producer_compression_type="zstd",  # as the SDK's (runwatch/settings.py)
+            producer_compression_type="zstd",  # as the SDK's (runwatch/core/settings.py)
             consumer_auto_offset_reset="earliest",
             web_enabled=False,
             stream_wait_empty=False,

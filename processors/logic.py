@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from runwatch.events import (Alert, Envelope, FileStored, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
+from runwatch.core.events import (Alert, Envelope, FileStored, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
                              PropertiesSet, RunCreated, RunState, RunStatus, StatusChanged, TagsSet, Transition,
                              make_envelope)
 
-from runwatch.filenames import DRIVER_LOG_PREFIX
+from runwatch.core.names import DRIVER_LOG_PREFIX
 
 from . import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from runwatch.events import Alert, Envelope
-from runwatch.settings import Settings
+from runwatch.core.events import Alert, Envelope
+from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.alerts")
 

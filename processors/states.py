@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runwatch.events import TERMINAL_STATES, RunStatus
+from runwatch.core.events import TERMINAL_STATES, RunStatus
 
 S = RunStatus
 

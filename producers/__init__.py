@@ -4,11 +4,11 @@ from .run import Experiment, MetricError, MetricTypeError, Run, Workspace
 
 
 def __getattr__(name: str):
-    if name == "ScriptRunConfig":  # lazily: `python -m producers.launcher` must not import itself first
+    if name == "ScriptRunConfig":  # lazily: `python -m runwatch.producers.launcher` must not import itself first
         from .launcher import ScriptRunConfig
 
         return ScriptRunConfig
-    raise AttributeError(f"module 'producers' has no attribute {name!r}")
+    raise AttributeError(f"module 'runwatch.producers' has no attribute {name!r}")
 
 
 __all__ = ["Workspace", "Experiment", "Run", "MetricError", "MetricTypeError", "ScriptRunConfig"]

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.events import (Envelope, Heartbeat, MetricBatch, MetricName, encode, make_envelope, this_source)
-from runwatch.settings import Settings
+from runwatch.core.events import (Envelope, Heartbeat, MetricBatch, MetricName, encode, make_envelope, this_source)
+from runwatch.core.settings import Settings
 
 from .spool import Record, Spool, spool_dir_for
 

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runwatch.client import ApiClient
-from runwatch.events import FileStored
-from runwatch.filenames import FileError, safe_name
+from runwatch.core.client import ApiClient
+from runwatch.core.events import FileStored
+from runwatch.core.names import FileError, safe_name
 
 CHUNK = 1 << 20
 

@@ -1,7 +1,7 @@
 """Submitted runs: ScriptRunConfig, Experiment.submit, and the local launcher process that carries them out.
 
 `submit()` snapshots the source directory, records the run as Queued and starts a detached
-launcher (`python -m producers.launcher SPEC`). The launcher waits for compute slots, unpacks
+launcher (`python -m runwatch.producers.launcher SPEC`). The launcher waits for compute slots, unpacks
 the snapshot (Preparing), starts node_count x process_count_per_node processes with the
 variables torchrun sets (Starting, Running), captures their stdout and stderr line by line
 into the run's log files, and finishes the run (Finalizing, then Completed, Failed or
@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runwatch.client import ApiClient, RunwatchError
-from runwatch.events import PropertiesSet, RunStatus, StatusChanged, TERMINAL_STATES
-from runwatch.filenames import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, PROCESSES_PROPERTY,
+from runwatch.core.client import ApiClient, RunwatchError
+from runwatch.core.events import PropertiesSet, RunStatus, StatusChanged, TERMINAL_STATES
+from runwatch.core.names import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, PROCESSES_PROPERTY,
                                 driver_log, execution_log, job_post_log, job_prep_log)
-from runwatch.settings import Settings
+from runwatch.core.settings import Settings
 from runwatch.stack import free_port
 
 from .compute import SlotPool
@@ -129,7 +129,7 @@ def submit(experiment: Any, config: ScriptRunConfig, tags: dict[str, Any] | None
     run.flush(10.0)
     env = dict(os.environ, **settings.as_env())
     with open(run_dir / "launcher.out", "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "producers.launcher", str(spec_path)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "runwatch.producers.launcher", str(spec_path)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
                                 start_new_session=True)  # Ctrl-C in the notebook does not stop the run
     run._launcher = proc
@@ -495,7 +495,7 @@ class Launcher:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m producers.launcher SPEC.json (started by Experiment.submit)", file=sys.stderr)
+        print("usage: python -m runwatch.producers.launcher SPEC.json (started by Experiment.submit)", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
     return Launcher(spec).run()

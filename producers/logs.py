@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.events import LogBatch
+from runwatch.core.events import LogBatch
 
 #: Lines and characters per LogBatch message (well under the producer's request size).
 MAX_BATCH_LINES = 2000

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.client import ApiClient, RunwatchError
-from runwatch.events import (DType, Heartbeat, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
+from runwatch.core.client import ApiClient, RunwatchError
+from runwatch.core.events import (DType, Heartbeat, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
                              TagsSet, TERMINAL_STATES)
-from runwatch.filenames import FileError
-from runwatch.settings import Settings
+from runwatch.core.names import FileError
+from runwatch.core.settings import Settings
 
 from .emitter import Emitter, get_emitter, track_run
 

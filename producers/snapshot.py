@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pathspec
 
-from runwatch.client import RunwatchError
+from runwatch.core.client import RunwatchError
 
 IGNORE_FILES = (".amlignore", ".gitignore")
 #: Never part of a snapshot: version-control internals and runwatch's own state.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from runwatch.client import StackNotRunning
-from runwatch.settings import Settings
+from runwatch.core.client import StackNotRunning
+from runwatch.core.settings import Settings
 
 from .emitter import ensure_topics
 from .spool import Spool, pending_spools

@@ -7,9 +7,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from runwatch.client import NotFound, RunwatchError
-from runwatch.events import TERMINAL_STATES
-from runwatch.filenames import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY, PROCESSES_PROPERTY
+from runwatch.core.client import NotFound, RunwatchError
+from runwatch.core.events import TERMINAL_STATES
+from runwatch.core.names import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY, PROCESSES_PROPERTY
 
 _TERMINAL = {s.value for s in TERMINAL_STATES}
 

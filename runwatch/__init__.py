@@ -12,11 +12,11 @@ __all__ = ["Workspace", "Experiment", "Run", "ScriptRunConfig", "RunDetails", "M
 def __getattr__(name: str) -> Any:
     # Lazy: `import runwatch` costs nothing until a name is used, and never imports the worker's parts.
     if name in ("Workspace", "Experiment", "Run", "MetricError", "MetricTypeError"):
-        from producers import run as _run
+        from runwatch.producers import run as _run
 
         return getattr(_run, name)
     if name == "ScriptRunConfig":
-        from producers.launcher import ScriptRunConfig
+        from runwatch.producers.launcher import ScriptRunConfig
 
         return ScriptRunConfig
     if name == "RunDetails":
@@ -24,11 +24,11 @@ def __getattr__(name: str) -> Any:
 
         return RunDetails
     if name == "RunFailedError":
-        from producers.watch import RunFailedError
+        from runwatch.producers.watch import RunFailedError
 
         return RunFailedError
     if name == "RunwatchError":
-        from .client import RunwatchError
+        from .core.client import RunwatchError
 
         return RunwatchError
     raise AttributeError(f"module 'runwatch' has no attribute {name!r}")

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from .client import ApiClient, NotFound, RunwatchError, StackNotRunning
-from .settings import Settings
+from .core.client import ApiClient, NotFound, RunwatchError, StackNotRunning
+from .core.settings import Settings
 
 app = typer.Typer(help="runwatch: self-hosted run monitoring for machine-learning training.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -133,7 +133,7 @@ def worker() -> None:
 @app.command()
 def sync(home: Optional[Path] = HomeOpt) -> None:
     """Send spooled events (from offline runs, or processes that ended while the broker was away)."""
-    from producers.sync import sync_spools
+    from runwatch.producers.sync import sync_spools
 
     settings = _settings(home)
     try:
@@ -248,7 +248,7 @@ def _short(v: Any, n: int = 8) -> str:
 
 # ------------------------------------------------------------------------------ submitted runs
 def _workspace(home: Optional[Path]):
-    from producers.run import Workspace
+    from runwatch.producers.run import Workspace
 
     return Workspace(settings=_settings(home))
 
@@ -265,10 +265,10 @@ def submit(script: str = typer.Argument(..., help="The script to run, relative t
            no_wait: bool = typer.Option(False, "--no-wait", help="Print the run id and return at once."),
            home: Optional[Path] = HomeOpt) -> None:
     """Submit SCRIPT as a run: wait for it and show its output (options go before SCRIPT)."""
-    from producers.launcher import ConfigError, ScriptRunConfig
-    from producers.run import Experiment
-    from producers.snapshot import SnapshotError
-    from producers.watch import RunFailedError
+    from runwatch.producers.launcher import ConfigError, ScriptRunConfig
+    from runwatch.producers.run import Experiment
+    from runwatch.producers.snapshot import SnapshotError
+    from runwatch.producers.watch import RunFailedError
 
     variables = {}
     for item in env or []:
@@ -300,7 +300,7 @@ def submit(script: str = typer.Argument(..., help="The script to run, relative t
 @app.command()
 def cancel(run_id: str, home: Optional[Path] = HomeOpt) -> None:
     """Cancel a run; a submitted run's launcher stops every one of its processes."""
-    from producers.run import Run
+    from runwatch.producers.run import Run
 
     run = _call(lambda: Run.get(_workspace(home), run_id))
     was = run.status
@@ -329,7 +329,7 @@ def download(run_id: str, name: str = typer.Argument(..., help="A file of the ru
              output: Optional[Path] = typer.Option(None, "--output", "-o", help="File or directory (default: here)."),
              home: Optional[Path] = HomeOpt) -> None:
     """Download one file of a run (a stored file, an output or a log file)."""
-    from producers.files import download as fetch
+    from runwatch.producers.files import download as fetch
 
     target, n = _call(lambda: fetch(_client(home), run_id, name, output))
     console.print(f"{name} -> {target} ({n} bytes)", highlight=False)
@@ -344,7 +344,7 @@ def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "
     """Print a run's log files (default: the driver logs of every process); --follow keeps going."""
     import time
 
-    from producers.watch import OutputFollower, driver_files
+    from runwatch.producers.watch import OutputFollower, driver_files
 
     client = _client(home)
     deadline = time.monotonic() + (30 if follow else 0)
@@ -412,7 +412,7 @@ ApiUrlOpt = typer.Option(None, "--api-url", help="Where Grafana's browsers reach
 def dashboards_export(directory: Path = typer.Argument(..., help="Written: generated/*.json and provisioning/."),
                       api_url: Optional[str] = ApiUrlOpt) -> None:
     """Write the dashboards' JSON and Grafana's provisioning files (datasource, dashboards, alert rules)."""
-    from dashboards.provisioning import files, write
+    from runwatch.dashboards.provisioning import files, write
 
     written = write(directory, api_url)
     console.print(f"{len(files(api_url))} files under {directory}: {len(written)} written, "
@@ -427,7 +427,7 @@ def dashboards_push(grafana: str = typer.Option(..., "--grafana", help="Grafana'
                     webhook_url: Optional[str] = typer.Option(None, "--webhook-url",
                                                               help="Also create or update the alert webhook.")) -> None:
     """Create or update the dashboards and alert rules in a running Grafana (safe to repeat)."""
-    from dashboards.provisioning import push
+    from runwatch.dashboards.provisioning import push
 
     try:
         result = push(grafana, token, api_url, webhook_url)

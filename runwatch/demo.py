@@ -12,18 +12,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .settings import Settings
+from .core.settings import Settings
 
 PROCESSES = 2
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True) -> int:
-    from producers.launcher import ScriptRunConfig
-    from producers.run import Experiment, Workspace
-    from producers.watch import OutputFollower
+    from runwatch.producers.launcher import ScriptRunConfig
+    from runwatch.producers.run import Experiment, Workspace
+    from runwatch.producers.watch import OutputFollower
 
-    from .client import RunwatchError
+    from .core.client import RunwatchError
     from .stack import StackError, down, up
 
     try:
@@ -92,7 +92,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
     if keep:
         console.print("The stack keeps running; stop it with `runwatch down`.")
     else:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all()  # this process's producer goes first: left open, it would complain of the broker going away
         down(settings)

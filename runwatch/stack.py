@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from .settings import Settings
+from .core.settings import Settings
 
 
 class StackError(RuntimeError):

@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .client import NotFound, RunwatchError
-from .events import TERMINAL_STATES
-from .filenames import DRIVER_LOG_PREFIX
+from .core.client import NotFound, RunwatchError
+from .core.events import TERMINAL_STATES
+from .core.names import DRIVER_LOG_PREFIX
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_POINTS = 500          # per chart: longer series are reduced to min/max per bucket

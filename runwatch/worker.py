@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from .settings import Settings
+from .core.settings import Settings
 from .stack import write_json_atomic
 
 log = logging.getLogger("runwatch.worker")
@@ -28,15 +28,15 @@ def clickhouse_client(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from processors.app import Processors
-    from producers.emitter import ensure_topics
-    from sinks.files import FileStore
-    from sinks.live import LiveTail
-    from sinks.queries import Queries
-    from sinks.schema import migrate
-    from sinks.writer import ClickHouseSink
+    from runwatch.processors.app import Processors
+    from runwatch.producers.emitter import ensure_topics
+    from runwatch.api.filestore import FileStore
+    from runwatch.api.live import LiveTail
+    from runwatch.api.queries import Queries
+    from runwatch.sinks.schema import migrate
+    from runwatch.sinks.writer import ClickHouseSink
 
-    from .api import ReadApi
+    from .api.server import ReadApi
 
     bootstrap = settings.resolved_bootstrap()
     if not bootstrap:
@@ -102,7 +102,7 @@ def run(settings: Settings) -> None:
 
 def _run_processors_only(settings: Settings, bootstrap: str) -> None:
     """A scale-out worker: the Faust app alone (no ClickHouse, no read API); partitions spread the runs."""
-    from processors.app import Processors
+    from runwatch.processors.app import Processors
 
     app = Processors(settings, bootstrap).app
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runwatch.events import (Alert, DeadLetter, Envelope, EventError, FileStored, LogBatch, MetricAggregates, MetricBatch, RunState,
+from runwatch.core.events import (Alert, DeadLetter, Envelope, EventError, FileStored, LogBatch, MetricAggregates, MetricBatch, RunState,
                              Transition, decode)
-from runwatch.settings import Settings
-from runwatch.events import TERMINAL_STATES
+from runwatch.core.settings import Settings
+from runwatch.core.events import TERMINAL_STATES
 
 from .schema import DTYPE_CODES, KIND_CODES
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runwatch.settings import Settings
+from runwatch.core.settings import Settings
 from runwatch.stack import free_port, port_open, tansu_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def sdk_settings(broker, tmp_path, monkeypatch):
     monkeypatch.setenv("RUNWATCH_BROKER_KIND", "tansu")
     monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.05")
     yield Settings.load()
-    from producers.emitter import close_all
+    from runwatch.producers.emitter import close_all
 
     close_all(5)
 
@@ -129,7 +129,7 @@ def consume(bootstrap: str, topics: list[str], until, timeout: float = 20.0):
 
 
 def decoded(messages):
-    from runwatch.events import decode
+    from runwatch.core.events import decode
 
     return [decode(m.value) for m in messages]
 
@@ -213,7 +213,7 @@ def stack_env(worker, monkeypatch, tmp_path):
     for k, v in worker.extra_env.items():
         monkeypatch.setenv(k, v)
     yield worker
-    from producers.emitter import close_all
+    from runwatch.producers.emitter import close_all
 
     close_all(5)
 

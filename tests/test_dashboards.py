@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, Worker, _unique, unique_name, wait_until
-from dashboards import build, evaluate, provisioning
-from dashboards.macros import ALL, Variable, expand
-from dashboards.sdk import DATASOURCE_UID
+from runwatch.dashboards import build, evaluate, provisioning
+from runwatch.dashboards.macros import ALL, Variable, expand
+from runwatch.dashboards.sdk import DATASOURCE_UID
 
 NOW = datetime.now(timezone.utc)
 RANGE = (NOW - timedelta(hours=1), NOW + timedelta(minutes=10))
@@ -98,7 +98,7 @@ def filled(broker, tmp_path_factory):
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         w.stop()

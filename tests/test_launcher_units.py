@@ -10,15 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from processors.logic import RunStateLogic, update_tails
-from producers.compute import SlotPool
-from producers.launcher import ConfigError, ScriptRunConfig
-from producers.logs import LogWriter
-from producers.snapshot import SnapshotError, collect, make_snapshot
-from runwatch.events import LivenessCheck, LogBatch, RunCreated, RunStatus, StatusChanged, make_envelope
-from runwatch.settings import Settings
-from runwatch.filenames import FileError, safe_name
-from sinks.files import FileStore
+from runwatch.processors.logic import RunStateLogic, update_tails
+from runwatch.producers.compute import SlotPool
+from runwatch.producers.launcher import ConfigError, ScriptRunConfig
+from runwatch.producers.logs import LogWriter
+from runwatch.producers.snapshot import SnapshotError, collect, make_snapshot
+from runwatch.core.events import LivenessCheck, LogBatch, RunCreated, RunStatus, StatusChanged, make_envelope
+from runwatch.core.settings import Settings
+from runwatch.core.names import FileError, safe_name
+from runwatch.api.filestore import FileStore
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, Worker, log_rows_table_tags, point_sdk_at, unique_name, wait_until
 from runwatch import Experiment, Run, Workspace
-from runwatch.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
+from runwatch.core.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
 
 
 def visible(worker, run_id, status=None, metric=None, count=None):
@@ -228,7 +228,7 @@ def test_hostile_strings_do_no_harm(stack_env):
         run.log(s, float(i))
         run.tag(s, s)
         run.tag(f"k{i}", s)
-    # properties come back as ClickHouse's JSON text of the map (sinks/queries.py): hostile keys and values too
+    # properties come back as ClickHouse's JSON text of the map (runwatch/api/queries.py): hostile keys and values too
     run.add_properties({**{f"p{s}": s for s in HOSTILE}, "ctl": "\x00\x1f\u2028\\/"})
     run.log("text", HOSTILE[0])
     run.complete()
@@ -317,7 +317,7 @@ def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
         finally:
             w2.stop()
     finally:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         w.stop()
@@ -342,14 +342,14 @@ def test_a_chunk_failing_after_its_inserts_is_written_again_once(broker, tmp_pat
         assert stored == [float(i) for i in range(total)]  # nothing lost, nothing twice
         assert w.health()["sink"]["retries"] >= 1
     finally:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         w.stop()
 
 
 def test_live_tail_shows_unstored_points_within_its_bound_and_lets_go(broker, tmp_path, monkeypatch):
-    """The read API's live tail (sinks/live.py, docs/api.md) on a real worker whose inserts fail for a while:
+    """The read API's live tail (runwatch/api/live.py, docs/api.md) on a real worker whose inserts fail for a while:
     watched runs' points show from the broker, a run past the tail's bound shows its stored points alone (none
     yet), an unwatched run costs nothing, and once stored every point shows exactly once."""
     down = tmp_path / "clickhouse-down"
@@ -385,7 +385,7 @@ def test_live_tail_shows_unstored_points_within_its_bound_and_lets_go(broker, tm
             assert wait_until(lambda: read(run.id, stored="true") == want, 60, what="stored")
             assert read(run.id) == want  # stored and tail together: once each
     finally:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         w.stop()

@@ -453,7 +453,7 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> 
 def valid_metric_event(run_id: str, names: int = 1, seq: int = 0) -> bytes:
     import numpy as np
 
-    from runwatch.events import MetricBatch, MetricName, encode, make_envelope
+    from runwatch.core.events import MetricBatch, MetricName, encode, make_envelope
 
     batch = MetricBatch.from_arrays([MetricName(name=f"m{i}", kind="scalar", dtype="float") for i in range(names)],
                                     np.arange(names), np.zeros(names), np.zeros(names), np.arange(names, dtype=float))
@@ -518,7 +518,7 @@ def test_malformed_events_go_to_the_dlq_with_reasons_and_the_worker_keeps_going(
 
 
 def _decodes(msg: bytes) -> bool:
-    from runwatch.events import EventError, decode
+    from runwatch.core.events import EventError, decode
 
     try:
         decode(msg)
@@ -531,9 +531,9 @@ def test_oversized_nan_cardinality_order_and_skew(bad_input_stack):
     cluster, worker = bad_input_stack
     import numpy as np
 
-    from runwatch.events import MetricBatch, MetricName, encode, make_envelope, this_source
+    from runwatch.core.events import MetricBatch, MetricName, encode, make_envelope, this_source
 
-    from runwatch.events import RunCreated
+    from runwatch.core.events import RunCreated
 
     src = this_source()
     for rid in ("odd-run", "bomb-run"):  # the runs exist, so their metrics can be read back
@@ -550,7 +550,7 @@ def test_oversized_nan_cardinality_order_and_skew(bad_input_stack):
     bomb = valid_metric_event("bomb-run", names=10_000)
     produce(cluster.bootstrap, f"{worker.prefix}metrics", [(b"bomb-run", bomb)])
     # an oversized message is refused by the producer with a clear error, not silently
-    from runwatch.events import LogBatch
+    from runwatch.core.events import LogBatch
 
     huge = LogBatch(file="f", first_seq=0, ts=np.zeros(1, "<i8").tobytes(), lines=["x" * (20 << 20)])
     with pytest.raises(Exception, match="(?i)too large|MessageSizeTooLarge|max_request_size"):
@@ -596,7 +596,7 @@ def test_read_api_requires_its_token(bad_input_stack, tmp_path):
 def _produce_workload(bootstrap: str, topic: str, runs: int, batches: int, points: int) -> None:
     import numpy as np
 
-    from runwatch.events import MetricBatch, MetricName, Source, encode, make_envelope
+    from runwatch.core.events import MetricBatch, MetricName, Source, encode, make_envelope
 
     names = [MetricName(name="x", kind="scalar", dtype="float")]
     idx = np.zeros(points, np.uint32)
@@ -624,7 +624,7 @@ def _produce_workload(bootstrap: str, topic: str, runs: int, batches: int, point
 
 def _aggregate_outputs(bootstrap: str, topic: str, expected: int, timeout: float) -> list:
     """(run_id, worker source key, worker ts, offset) of every aggregates event, once `expected` arrived."""
-    from runwatch.events import MetricAggregates, decode
+    from runwatch.core.events import MetricAggregates, decode
 
     async def go():
         from aiokafka import AIOKafkaConsumer
@@ -716,7 +716,7 @@ def test_sasl_scram_over_tls_end_to_end(tmp_path, caplog):
         async def wrong_password():
             from aiokafka import AIOKafkaProducer
 
-            from runwatch.settings import Settings
+            from runwatch.core.settings import Settings
 
             s = Settings.load(home=tmp_path, kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
                               kafka_sasl_username="runwatch", kafka_sasl_password="wrong", kafka_ssl_cafile=ca)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Broker, consume, decoded, log_rows_table_tags, unique_name, wait_until
 from runwatch import Experiment, MetricError, MetricTypeError, Workspace
-from runwatch.events import MetricBatch, RunStatus
+from runwatch.core.events import MetricBatch, RunStatus
 
 
 def metric_points(envs, run_id=None):
@@ -174,7 +174,7 @@ def test_broker_down_at_start_then_up(tmp_path, monkeypatch):
         steps = [p[5] for p in metric_points(decoded(msgs), run.id)]
         assert steps == list(range(6000))  # all, in order, none twice
     finally:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         b.stop()
@@ -205,7 +205,7 @@ def test_broker_killed_mid_stream(tmp_path, monkeypatch):
         finally:
             b2.stop()
     finally:
-        from producers.emitter import close_all
+        from runwatch.producers.emitter import close_all
 
         close_all(5)
         b.stop()
@@ -263,7 +263,7 @@ def test_eight_threads_at_once(sdk_settings):
 
 
 def test_offline_run_waits_in_the_spool_then_syncs(sdk_settings, monkeypatch):
-    from producers.sync import sync_spools
+    from runwatch.producers.sync import sync_spools
     from runwatch import Run
 
     monkeypatch.delenv("RUNWATCH_RUN_ID", raising=False)
@@ -272,7 +272,7 @@ def test_offline_run_waits_in_the_spool_then_syncs(sdk_settings, monkeypatch):
     run.log("offline metric", 1.5)
     run.complete()
     assert run._em.stats.events_sent == 0
-    from producers.emitter import close_all
+    from runwatch.producers.emitter import close_all
 
     close_all(5)
     result = sync_spools(sdk_settings)

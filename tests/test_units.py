@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from processors.aggregates import batch_aggregates, merge, metric_key
-from processors.logic import RunStateLogic
-from processors.states import TRANSITIONS, check_transition
-from runwatch.events import (EventError, MetricAggregates, MetricBatch, MetricName, RunCreated, RunStatus, StatusChanged,
+from runwatch.processors.aggregates import batch_aggregates, merge, metric_key
+from runwatch.processors.logic import RunStateLogic
+from runwatch.processors.states import TRANSITIONS, check_transition
+from runwatch.core.events import (EventError, MetricAggregates, MetricBatch, MetricName, RunCreated, RunStatus, StatusChanged,
                              decode, encode, make_envelope, this_source)
-from runwatch.settings import Settings
+from runwatch.core.settings import Settings
 
 
 def test_settings_resolve_argument_env_file_default(tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_sink_chunks_cover_a_fetch_once_in_order_within_the_limit(sizes, limit, 
     contiguous ranges, a chunk over the limit only when it is one message (or a range replayed whole)."""
     from types import SimpleNamespace
 
-    from sinks.writer import _chunks
+    from runwatch.sinks.writer import _chunks
 
     ranges = {}
     for tp, lens in enumerate(sizes):
@@ -186,8 +186,8 @@ def test_sink_rows_land_exactly_in_chdb(tmp_path, path):
     format), the path a ClickHouse server gets."""
     import clickhouse_connect
 
-    from sinks.schema import DTYPE_CODES, KIND_CODES, migrate
-    from sinks.writer import RowBuilder, insert_arrow
+    from runwatch.sinks.schema import DTYPE_CODES, KIND_CODES, migrate
+    from runwatch.sinks.writer import RowBuilder, insert_arrow
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -236,8 +236,8 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
 
     import clickhouse_connect
 
-    from sinks.schema import migrate
-    from sinks.writer import ClickHouseSink, RowBuilder, insert_arrow
+    from runwatch.sinks.schema import migrate
+    from runwatch.sinks.writer import ClickHouseSink, RowBuilder, insert_arrow
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -280,8 +280,8 @@ def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
 
     import clickhouse_connect
 
-    from sinks.schema import migrate
-    from sinks.writer import ClickHouseSink
+    from runwatch.sinks.schema import migrate
+    from runwatch.sinks.writer import ClickHouseSink
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -300,9 +300,9 @@ def _sink_chunk(tmp_path, **settings):
     from aiokafka import TopicPartition
     from aiokafka.structs import ConsumerRecord
 
-    from runwatch.events import encode
-    from sinks.schema import migrate
-    from sinks.writer import ClickHouseSink
+    from runwatch.core.events import encode
+    from runwatch.sinks.schema import migrate
+    from runwatch.sinks.writer import ClickHouseSink
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -324,7 +324,7 @@ def test_the_sink_never_counts_an_insert_chdb_did_not_keep(tmp_path):
     sink committed the offsets: points lost without a word. Now every insert on chDB must show as a new part
     (and its rows, in append-only tables), or the chunk fails and nothing is committed. ClickHouse drops an
     insert whose deduplication token it has seen, which from the sink looks exactly like that loss."""
-    from sinks.writer import InsertLostError, insert_arrow
+    from runwatch.sinks.writer import InsertLostError, insert_arrow
 
     client, sink, ready = _sink_chunk(tmp_path)
     assert sink._chdb_dir == str(tmp_path / "chdb")
@@ -346,7 +346,7 @@ def test_the_sink_never_counts_an_insert_chdb_did_not_keep(tmp_path):
 def test_the_sink_writes_nothing_while_the_disk_is_nearly_full(tmp_path):
     """Below `sink_min_free_mb` free on chDB's disk the sink inserts nothing and says why; it retries, and the
     broker keeps the events (here the limit is set above the disk's free space)."""
-    from sinks.writer import DiskFullError
+    from runwatch.sinks.writer import DiskFullError
 
     client, sink, ready = _sink_chunk(tmp_path, sink_min_free_mb=1 << 40)
     with pytest.raises(DiskFullError, match=r"MiB free on the disk of .*sink_min_free_mb = 1,099,511,627,776"):
@@ -363,8 +363,8 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
     stored beside the old ones, and migrating again does nothing."""
     import clickhouse_connect
 
-    import sinks.schema as schema
-    from sinks.writer import RowBuilder, insert_arrow
+    import runwatch.sinks.schema as schema
+    from runwatch.sinks.writer import RowBuilder, insert_arrow
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     every = schema.MIGRATIONS
@@ -399,14 +399,14 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
 
 
 def test_metrics_read_shows_the_live_tail_and_each_point_once(tmp_path):
-    """The read API's merge of stored points and the live tail's events (sinks/live.py), on a real chDB: an
+    """The read API's merge of stored points and the live tail's events (runwatch/api/live.py), on a real chDB: an
     event stored between the tail's answer and the query, and a producer's repeat of a pending event, are
     shown once; the result is exactly what the same read gives once everything is stored."""
     import clickhouse_connect
 
-    from sinks.queries import Queries
-    from sinks.schema import migrate
-    from sinks.writer import RowBuilder, insert_arrow
+    from runwatch.api.queries import Queries
+    from runwatch.sinks.schema import migrate
+    from runwatch.sinks.writer import RowBuilder, insert_arrow
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -457,8 +457,8 @@ def test_runs_sorted_by_a_metric_carry_each_runs_aggregates(tmp_path):
     told to give them NULL)."""
     import clickhouse_connect
 
-    from sinks.queries import Queries
-    from sinks.schema import migrate
+    from runwatch.api.queries import Queries
+    from runwatch.sinks.schema import migrate
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -502,8 +502,8 @@ def test_the_api_writes_and_the_client_reads_what_json_would(value):
 
     import httpx
 
-    from runwatch.api import _dumps
-    from runwatch.client import _result
+    from runwatch.api.server import _dumps
+    from runwatch.core.client import _result
 
     text = _dumps(value)
     assert json.dumps(json.loads(text)) == json.dumps(value)
@@ -514,7 +514,7 @@ def test_the_api_writes_other_values_as_text():
     import datetime as dt
     import json
 
-    from runwatch.api import _dumps
+    from runwatch.api.server import _dumps
 
     when = dt.datetime(2026, 11, 30, 5, 0, tzinfo=dt.timezone.utc)
     assert json.loads(_dumps({"t": when, "n": float("nan")}))["t"] == str(when)

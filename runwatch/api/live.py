@@ -24,8 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from runwatch.events import Envelope, EventError, MetricBatch, decode
-from runwatch.settings import Settings
+from runwatch.core.events import Envelope, EventError, MetricBatch, decode
+from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.live")
 

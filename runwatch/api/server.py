@@ -13,10 +13,10 @@ from typing import Any, Callable
 import ujson
 from aiohttp import web
 
-from sinks.files import FileError, FileStore
-from sinks.queries import Queries, counts
+from runwatch.api.filestore import FileError, FileStore
+from runwatch.api.queries import Queries, counts
 
-from .settings import Settings
+from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.api")
 
@@ -37,7 +37,7 @@ class ReadApi:
     def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], settings: Settings,
                  files: FileStore, snapshots: FileStore, live=None):
         self.queries = queries
-        #: the worker's live tail (sinks/live.py): `live.pending(run_ids)`; None reads what is stored only
+        #: the worker's live tail (runwatch/api/live.py): `live.pending(run_ids)`; None reads what is stored only
         self.live = live
         self.health_fn = health
         self.settings = settings

@@ -101,7 +101,7 @@ class Settings:
     #: streaming insert as written while a nearly full disk lost it (docs/reliability.md).
     sink_min_free_mb: int = 256
     #: The read API shows a watched run's newest points from the stream before the sink has stored them
-    #: (sinks/live.py): a run read in the last `live_watch_seconds` is watched, at most `live_max_runs` at
+    #: (runwatch/api/live.py): a run read in the last `live_watch_seconds` is watched, at most `live_max_runs` at
     #: once; the tail holds at most `live_max_points` points not stored yet, about 30 bytes each (a run
     #: that would pass it shows its stored points alone until the sink has caught up).
     #: live_max_runs = 0 turns the tail off.

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from runwatch.filenames import RESERVED, FileError, safe_name, run_dir_name
+from runwatch.core.names import RESERVED, FileError, safe_name, run_dir_name
 
 __all__ = ["FileStore", "FileError", "safe_name"]
 

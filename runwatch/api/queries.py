@@ -295,7 +295,7 @@ class Queries:
     def metrics(self, run_id: str, name: str | None = None, recursive: bool = False, live=None) -> dict[str, Any]:
         """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants.
 
-        `live(run_ids)` (the worker's live tail, sinks/live.py) gives the runs' events the sink has not stored
+        `live(run_ids)` (the worker's live tail, runwatch/api/live.py) gives the runs' events the sink has not stored
         yet; their points are shown with the stored ones."""
         if recursive:
             ids = [run_id] + [r["run_id"] for r in self.children(run_id, recursive=True)]
