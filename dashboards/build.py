@@ -11,18 +11,29 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from grafana_foundation_sdk.builders import barchart, dashboard as db, logs, stat, table, timeseries, trend, xychart
+from grafana_foundation_sdk.builders import (
+    barchart,
+    logs,
+    stat,
+    table,
+    timeseries,
+    trend,
+    xychart,
+)
+from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
 
+from runwatch.core import states
+from runwatch.core.names import PROCESSES_PROPERTY, SCRIPT_RUN
+
 from .sdk import DATASOURCE, ClickHouseQuery, grid, transformation
 
 DB = "runwatch"
-ACTIVE = ("'NotStarted', 'Queued', 'Preparing', 'Starting', 'Running', 'Finalizing', 'CancelRequested', "
-          "'NotResponding'")
-STATES = ["NotStarted", "Queued", "Preparing", "Starting", "Running", "Finalizing", "CancelRequested", "Completed",
-          "Failed", "Canceled", "NotResponding"]
+#: The non-terminal states as the inside of a SQL list: `status IN ({ACTIVE})`.
+ACTIVE = states.sql_list(states.ACTIVE)[1:-1]
+STATES = list(states.ALL)
 MAX_POINTS = 1000
 TAGS = ["runwatch"]
 
@@ -260,12 +271,12 @@ def compare() -> db.Dashboard:
 
 # ------------------------------------------------------------------------------------ Compute
 def compute() -> db.Dashboard:
-    where = (f"run_type = 'azureml.scriptrun' AND status IN ({ACTIVE}) AND "
+    where = (f"run_type = '{SCRIPT_RUN}' AND status IN ({ACTIVE}) AND "
              f"{cond('compute_target', 'compute_target')}")
-    procs = "toUInt32OrDefault(properties['_runwatch.processes'], toUInt32(1))"
+    procs = f"toUInt32OrDefault(properties['{PROCESSES_PROPERTY}'], toUInt32(1))"
     return (base("compute", "runwatch / Compute", "now-7d")
             .with_variable(query_var("compute_target", f"""SELECT DISTINCT compute_target FROM {DB}.runs FINAL
-                                                           WHERE run_type = 'azureml.scriptrun'""",
+                                                           WHERE run_type = '{SCRIPT_RUN}'""",
                                      multi=True, all_=True, label="compute target"))
             .with_panel(barchart.Panel().title("Queued and running per compute target").grid_pos(grid(0, 0, 12, 8))
                         .x_field("compute_target").with_target(q(f"""
@@ -274,7 +285,7 @@ def compute() -> db.Dashboard:
                 FROM {DB}.runs FINAL WHERE {where} GROUP BY compute_target ORDER BY compute_target""")))
             .with_panel(timeseries.Panel().title("Runs submitted").grid_pos(grid(12, 0, 12, 8)).with_target(q(f"""
                 SELECT $__timeInterval(created_time) AS time, compute_target, count() AS runs
-                FROM {DB}.runs FINAL WHERE run_type = 'azureml.scriptrun' AND $__timeFilter(created_time)
+                FROM {DB}.runs FINAL WHERE run_type = '{SCRIPT_RUN}' AND $__timeFilter(created_time)
                       AND {cond('compute_target', 'compute_target')}
                 GROUP BY time, compute_target ORDER BY time""", "timeseries")))
             .with_panel(table.Panel().title("Queue").grid_pos(grid(0, 8, 24, 12)).with_target(q(f"""

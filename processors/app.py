@@ -11,7 +11,16 @@ from typing import Any
 
 import faust
 
-from runwatch.core.events import Alert, DeadLetter, Envelope, EventError, LogBatch, decode, encode, make_envelope
+from runwatch.core.events import (
+    Alert,
+    DeadLetter,
+    Envelope,
+    EventError,
+    LogBatch,
+    decode,
+    encode,
+    make_envelope,
+)
 from runwatch.core.settings import Settings
 
 from .logic import MetricsLogic, Rejected, RunStateLogic, derived_id, update_tails

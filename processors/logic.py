@@ -5,11 +5,26 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from runwatch.core.events import (Alert, Envelope, FileStored, Heartbeat, LivenessCheck, LogBatch, MetricAggregates, MetricBatch,
-                             PropertiesSet, RunCreated, RunState, RunStatus, StatusChanged, TagsSet, Transition,
-                             make_envelope)
-
+from runwatch.core.events import (
+    Alert,
+    Envelope,
+    FileStored,
+    Heartbeat,
+    LivenessCheck,
+    LogBatch,
+    MetricAggregates,
+    MetricBatch,
+    PropertiesSet,
+    RunCreated,
+    RunState,
+    RunStatus,
+    StatusChanged,
+    TagsSet,
+    Transition,
+    make_envelope,
+)
 from runwatch.core.names import DRIVER_LOG_PREFIX
+from runwatch.core.states import LIVE
 
 from . import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
@@ -74,7 +89,7 @@ class MetricsLogic:
             if len(names) > self.max_names:
                 raise Rejected(f"run {env.run_id} would have {len(names)} distinct metric names; "
                                f"at most {self.max_names} (max_metric_names): the batch was not aggregated")
-        rows = agg.batch_aggregates(batch)
+        rows = agg.batch_aggregates(batch, env.seq)
         agg.merge(aggs, rows)
         state["version"] += 1
         return self._rows_event(env, state, list(rows), derived_id("agg", env.event_id))
@@ -209,7 +224,7 @@ class RunStateLogic:
         if seen is None:
             return None
         silent = now - max(seen, since)
-        if status in LIVE_STATES and silent > heartbeat_timeout:
+        if status in LIVE and silent > heartbeat_timeout:
             return LivenessCheck(if_status=RunStatus(status), to_status=RunStatus.NotResponding, last_seen=seen,
                                  silent_s=now - seen)
         if status == RunStatus.CancelRequested.value and silent > heartbeat_timeout:
@@ -224,8 +239,6 @@ class RunStateLogic:
         return None
 
 
-#: States in which a run's processes must be sending heartbeats.
-LIVE_STATES = frozenset({RunStatus.Running.value, RunStatus.Finalizing.value})
 #: Log files whose last lines go into alerts.
 TAIL_LINES = 10
 
@@ -239,4 +252,4 @@ def update_tails(tails: dict[str, list[str]], batch: LogBatch) -> bool:
     return True
 
 
-__all__ = ["MetricsLogic", "Rejected", "RunStateLogic", "derived_id", "is_repeat", "update_tails", "LIVE_STATES"]
+__all__ = ["MetricsLogic", "Rejected", "RunStateLogic", "derived_id", "is_repeat", "update_tails"]

@@ -6,7 +6,12 @@ import logging
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from runwatch.core.events import Alert, Envelope
 from runwatch.core.settings import Settings

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runwatch.core.events import TERMINAL_STATES, RunStatus
+from runwatch.core.states import TERMINAL, RunStatus, is_terminal
 
 S = RunStatus
 
@@ -34,10 +34,9 @@ def check_transition(current: RunStatus | None, target: RunStatus) -> tuple[bool
         return True, "no change"
     if target in TRANSITIONS[here]:
         return True, ""
-    if here in TERMINAL_STATES:
+    if here in TERMINAL:
         return False, f"{here.value} is final; {target.value} was not applied"
     return False, f"{here.value} -> {target.value} is not a legal transition"
 
 
-def is_terminal(status: RunStatus) -> bool:
-    return status in TERMINAL_STATES
+__all__ = ["TRANSITIONS", "ALERTING", "check_transition", "is_terminal"]

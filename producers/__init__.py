@@ -4,8 +4,8 @@ from .run import Experiment, MetricError, MetricTypeError, Run, Workspace
 
 
 def __getattr__(name: str):
-    if name == "ScriptRunConfig":  # lazily: `python -m runwatch.producers.launcher` must not import itself first
-        from .launcher import ScriptRunConfig
+    if name == "ScriptRunConfig":  # lazily: submitting imports what only submitted runs need
+        from .config import ScriptRunConfig
 
         return ScriptRunConfig
     raise AttributeError(f"module 'runwatch.producers' has no attribute {name!r}")

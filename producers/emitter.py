@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.core.events import (Envelope, Heartbeat, MetricBatch, MetricName, encode, make_envelope, this_source)
+from runwatch.core.events import (
+    Envelope,
+    Heartbeat,
+    MetricBatch,
+    MetricName,
+    encode,
+    make_envelope,
+    this_source,
+)
+from runwatch.core import kafka
 from runwatch.core.settings import Settings
 
 from .spool import Record, Spool, spool_dir_for
@@ -32,7 +41,6 @@ log = logging.getLogger("runwatch.producer")
 HELD_MAX_BYTES = 1 << 20
 #: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
 MAX_POINTS_PER_MESSAGE = 100_000
-TOPICS = ("runs", "metrics", "logs", "aggregates", "alerts", "dlq")
 
 
 @dataclass
@@ -62,7 +70,6 @@ class Emitter:
     def __init__(self, settings: Settings, *, offline: bool = False):
         self.settings = settings
         self.offline = offline
-        self.pid = os.getpid()
         # --- hot path state (appended to by any thread, swapped by the background thread)
         self.buf: list[tuple] = []          # (gidx, step, ts_seconds, float value)
         self.sbuf: list[tuple] = []         # (gidx, step, ts_seconds, str value)
@@ -487,24 +494,11 @@ class Emitter:
         if not bootstrap:
             self._backoff()
             return False
-        from aiokafka import AIOKafkaProducer  # imported here: `import runwatch` stays light
-
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=self.settings.use_idempotence(),
-            compression_type=self.settings.compression or None,
-            linger_ms=self.settings.linger_ms,
-            max_batch_size=1 << 20,
-            max_request_size=self.settings.max_request_size,
-            request_timeout_ms=self.settings.request_timeout_ms,
-            client_id=f"runwatch-sdk-{os.getpid()}",
-            **self.settings.kafka_args(),
-        )
+        producer = kafka.producer(self.settings, bootstrap, client_id=f"runwatch-sdk-{os.getpid()}")
         try:
             await asyncio.wait_for(producer.start(), self.settings.request_timeout_ms / 1000)
             if not self._topics_ready:  # once per process, not on every reconnect
-                await ensure_topics(bootstrap, self.settings)
+                await kafka.ensure_topics(self.settings, bootstrap)
                 self._topics_ready = True
         except Exception as exc:
             try:
@@ -556,34 +550,11 @@ def _group(run_n: np.ndarray, run_s: np.ndarray):
         yield int(r), order_n[a:b], order_s[c:d]
 
 
-async def ensure_topics(bootstrap: str, settings: Settings) -> None:
-    """Create runwatch's topics with the configured partitions (brokers auto-create with their own)."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=settings.request_timeout_ms,
-                                **settings.kafka_args())
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [settings.topic(t) for t in TOPICS]
-        missing = [NewTopic(t, settings.partitions, settings.replication_factor,
-                            topic_configs={"min.insync.replicas": str(settings.min_insync_replicas)}
-                            if settings.replication_factor > 1 else {})
-                   for t in wanted if t not in existing]
-        if missing:
-            try:
-                await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        await admin.close()
-
-
 # --------------------------------------------------------------------- per-process singleton
 _EMITTERS: dict[tuple, Emitter] = {}
 _EMITTER_LOCK = threading.Lock()
-_LIVE_RUNS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+#: What to call in a forked child: bound methods of live objects (weakly held: a run that is gone is skipped).
+_ON_FORK: list[weakref.WeakMethod] = []
 
 
 def get_emitter(settings: Settings, *, offline: bool = False) -> Emitter:
@@ -597,8 +568,10 @@ def get_emitter(settings: Settings, *, offline: bool = False) -> Emitter:
     return em
 
 
-def track_run(run: Any) -> None:
-    _LIVE_RUNS.add(run)
+def on_fork(callback) -> None:
+    """Call `callback` (a bound method) in a forked child, unless its object is gone by then."""
+    _ON_FORK[:] = [ref for ref in _ON_FORK if ref() is not None]
+    _ON_FORK.append(weakref.WeakMethod(callback))
 
 
 def close_all(timeout: float = 10.0) -> None:
@@ -617,11 +590,13 @@ def _after_fork_in_child() -> None:
     global _EMITTER_LOCK
     _EMITTERS.clear()
     _EMITTER_LOCK = threading.Lock()
-    for run in list(_LIVE_RUNS):
-        try:
-            run._after_fork()
-        except Exception:
-            pass
+    for ref in list(_ON_FORK):
+        callback = ref()
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("runwatch: resetting after fork failed")
 
 
 atexit.register(close_all)

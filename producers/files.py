@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from runwatch.core.client import ApiClient
+from runwatch.core.errors import FileError
 from runwatch.core.events import FileStored
-from runwatch.core.names import FileError, safe_name
+from runwatch.core.names import safe_name
 
 CHUNK = 1 << 20
 

@@ -23,117 +23,45 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runwatch.core.client import ApiClient, RunwatchError
-from runwatch.core.events import PropertiesSet, RunStatus, StatusChanged, TERMINAL_STATES
-from runwatch.core.names import (LAUNCHER_LOG, LOG_COUNTS_PROPERTY, PROCESS_INFO, PROCESS_STATUS, PROCESSES_PROPERTY,
-                                driver_log, execution_log, job_post_log, job_prep_log)
+from runwatch.core.client import ApiClient
+from runwatch.core.errors import RunwatchError
+from runwatch.core.events import PropertiesSet, StatusChanged
+from runwatch.core.names import (
+    LAUNCHER_LOG,
+    LOG_COUNTS_PROPERTY,
+    PROCESS_INFO,
+    PROCESS_STATUS,
+    driver_log,
+    execution_log,
+    job_post_log,
+    job_prep_log,
+)
+from runwatch.core.net import free_port
 from runwatch.core.settings import Settings
-from runwatch.stack import free_port
+from runwatch.core.states import TERMINAL, RunStatus
 
 from .compute import SlotPool
+from .config import ScriptRunConfig
 from .emitter import get_emitter
 from .logs import LogFileHandler, LogWriter
-from .snapshot import extract, make_snapshot
+from .snapshot import extract
 
-RUN_TYPE = "azureml.scriptrun"
 S = RunStatus
 
 
-class ConfigError(RunwatchError, ValueError):
-    """A ScriptRunConfig that cannot run; the message names the field."""
-
-
-@dataclass
-class ScriptRunConfig:
-    """What to run and where (Azure ML v1's names). `arguments` are passed to the script as strings."""
-
-    source_directory: str = "."
-    script: str | None = None
-    arguments: list[Any] = field(default_factory=list)
-    compute_target: str = "local"
-    node_count: int = 1
-    process_count_per_node: int = 1
-    environment_variables: dict[str, str] = field(default_factory=dict)
-    #: Stop the run (Failed) when it runs longer than this; None: no limit.
-    max_run_duration_seconds: float | None = None
-
-    def check(self, settings: Settings) -> None:
-        """Raise ConfigError naming the first field that cannot run."""
-        src = Path(self.source_directory).expanduser()
-        if not src.is_dir():
-            raise ConfigError(f"ScriptRunConfig: source_directory {str(src)!r} is not a directory")
-        if not self.script or not isinstance(self.script, str):
-            raise ConfigError("ScriptRunConfig: script is required, e.g. script='train.py'")
-        script = src / self.script
-        if not script.is_file():
-            raise ConfigError(f"ScriptRunConfig: script {self.script!r} is not a file in {str(src.resolve())!r}")
-        if not isinstance(self.arguments, (list, tuple)):
-            raise ConfigError(f"ScriptRunConfig: arguments must be a list, not {type(self.arguments).__name__}")
-        for name in ("node_count", "process_count_per_node"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"ScriptRunConfig: {name} must be an integer >= 1, not {v!r}")
-        if not isinstance(self.environment_variables, dict) or not all(
-                isinstance(k, str) and k and "=" not in k and isinstance(v, str)
-                for k, v in self.environment_variables.items()):
-            raise ConfigError("ScriptRunConfig: environment_variables must map names to string values")
-        try:
-            targets = settings.compute()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.compute_target not in targets:
-            raise ConfigError(f"ScriptRunConfig: compute_target {self.compute_target!r} is not configured; "
-                              f"known: {', '.join(f'{k} ({v} slots)' for k, v in targets.items())} "
-                              "(setting compute_targets)")
-        need = self.node_count * self.process_count_per_node
-        if need > targets[self.compute_target]:
-            raise ConfigError(f"ScriptRunConfig: the run needs {need} process slots "
-                              f"({self.node_count} node(s) x {self.process_count_per_node} process(es)); compute "
-                              f"{self.compute_target!r} has {targets[self.compute_target]}")
-        if self.max_run_duration_seconds is not None and not self.max_run_duration_seconds > 0:
-            raise ConfigError("ScriptRunConfig: max_run_duration_seconds must be > 0 or None")
-
-
-def submit(experiment: Any, config: ScriptRunConfig, tags: dict[str, Any] | None = None,
-           display_name: str | None = None) -> Any:
-    """Record the run as Queued, snapshot its source and start its launcher; return the Run at once."""
-    from .run import Run
-
-    if not isinstance(config, ScriptRunConfig):
-        raise ConfigError(f"Experiment.submit: config must be a ScriptRunConfig, not {type(config).__name__}")
-    settings: Settings = experiment.workspace.settings
-    config.check(settings)
-    run_id = f"{experiment.name}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
-    run_dir = settings.home / "runs" / run_id
-    source = Path(config.source_directory).expanduser().resolve()
-    info = make_snapshot(source, run_dir / "snapshot.zip", settings.snapshot_max_bytes)
-    procs = config.node_count * config.process_count_per_node
-    props = {"_runwatch.script": config.script, "_runwatch.source_directory": str(source),
-             "_runwatch.nodes": str(config.node_count), "_runwatch.processes_per_node": str(config.process_count_per_node),
-             PROCESSES_PROPERTY: str(procs), "_runwatch.snapshot_files": str(info.files),
-             "_runwatch.snapshot_bytes": str(info.bytes)}
-    run = Run._start(experiment, display_name=display_name or Path(config.script).stem, run_id=run_id,
-                     run_type=RUN_TYPE, status=S.Queued, compute_target=config.compute_target, properties=props,
-                     tags=tags, heartbeats=False)
-    spec = {"run_id": run_id, "experiment": experiment.name, "config": asdict(config),
-            "source_directory": str(source), "snapshot": str(run_dir / "snapshot.zip"),
-            "snapshot_info": asdict(info), "submitted_ts": time.time()}
+def spawn(run_dir: Path, spec: dict[str, Any], settings: Settings) -> subprocess.Popen:
+    """Write the run's spec and start its launcher, detached (Ctrl-C in a notebook does not stop the run)."""
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
-    # The Queued record goes out before the launcher's first event, so the run's history is in order.
-    run.flush(10.0)
     env = dict(os.environ, **settings.as_env())
     with open(run_dir / "launcher.out", "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "runwatch.producers.launcher", str(spec_path)], env=env,
+        return subprocess.Popen([sys.executable, "-m", "runwatch.producers.launcher", str(spec_path)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
-                                start_new_session=True)  # Ctrl-C in the notebook does not stop the run
-    run._launcher = proc
-    return run
+                                start_new_session=True)
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -239,7 +167,7 @@ class Launcher:
             return await self._lifecycle()
         except Exception as exc:  # the launcher's own failure still ends the run, with the reason
             self.log.exception("the launcher failed")
-            if self.status not in TERMINAL_STATES:
+            if self.status not in TERMINAL:
                 self.set_status(S.Failed, {"code": "LauncherError", "message": f"{type(exc).__name__}: {exc}"})
             return 1
         finally:

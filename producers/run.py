@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -10,24 +11,34 @@ import numbers
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runwatch.core.client import ApiClient, RunwatchError
-from runwatch.core.events import (DType, Heartbeat, MetricKind, MetricName, PropertiesSet, RunCreated, RunStatus, StatusChanged,
-                             TagsSet, TERMINAL_STATES)
-from runwatch.core.names import FileError
+from runwatch.core import names
+from runwatch.core.client import ApiClient
+from runwatch.core.errors import FileError, RunwatchError
+from runwatch.core.events import (
+    DType,
+    Heartbeat,
+    MetricKind,
+    MetricName,
+    PropertiesSet,
+    RunCreated,
+    RunStatus,
+    StatusChanged,
+    TagsSet,
+)
+from runwatch.core.names import SCRIPT_RUN, new_run_id
 from runwatch.core.settings import Settings
+from runwatch.core.states import TERMINAL
 
-from .emitter import Emitter, get_emitter, track_run
+from .emitter import Emitter, get_emitter, on_fork
 
 log = logging.getLogger("runwatch")
 _time = time.time
-SCRIPT_RUN = "azureml.scriptrun"  # a submitted run: its launcher owns its lifecycle
 _FLOAT, _INT, _BOOL, _STR = DType.float, DType.int, DType.bool, DType.str
 _EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
 MAX_TEXT_VALUE = 65_536
@@ -94,12 +105,14 @@ class Run:
         self._tags: dict[str, str | None] = dict(kwargs.pop("tags", {}) or {})
         #: Collected into the run's files (as outputs/...) when it completes or fails.
         self._outputs: Path | None = Path(outputs).resolve() if outputs else None
+        #: A submitted run's launcher process (subprocess.Popen), in the process that submitted it; else None.
+        self.launcher = None
         fetch = kwargs.pop("_fetch", True)
         if kwargs:
             raise TypeError(f"Run() got unexpected argument(s): {', '.join(kwargs)}")
         self._reset_caches()
         self._child_count = itertools.count(1)
-        track_run(self)
+        on_fork(self._reset_caches)
         if fetch:
             self._load_details()
 
@@ -110,7 +123,7 @@ class Run:
                properties: Mapping[str, str] | None = None, tags: Mapping[str, Any] | None = None,
                status: RunStatus = RunStatus.Running, compute_target: str = "local",
                heartbeats: bool = True, outputs: Any = None) -> "Run":
-        rid = run_id or f"{experiment.name}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+        rid = run_id or new_run_id(experiment.name)
         run = cls(experiment, rid, outputs, display_name=display_name, parent_id=parent.id if parent else None,
                   run_type=run_type, status=status.value, _offline=offline, _fetch=False)
         props = _check_str_map(properties or {}, "properties")
@@ -120,14 +133,14 @@ class Run:
         run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
                              compute_target=compute_target, status=status, properties=props, tags=tag_map,
                              created_ts=time.time()))
-        if status not in TERMINAL_STATES and heartbeats:
+        if status not in TERMINAL and heartbeats:
             run._em.open_run(run.id, experiment.name)
         return run
 
     @classmethod
     def get(cls, workspace: "Workspace", run_id: str) -> "Run":
         """Reopen a run by id alone (its experiment is looked up)."""
-        details = workspace._api().get(f"/api/runs/{run_id}")
+        details = workspace.read_api().get(f"/api/runs/{run_id}")
         run = cls(Experiment(workspace, details["experiment"]), run_id, _fetch=False)
         run._apply_details(details)
         return run
@@ -154,9 +167,6 @@ class Run:
         self._counters: dict[tuple[str, str], Any] = getattr(self, "_counters", {})
         self._kind_of: dict[str, MetricKind] = getattr(self, "_kind_of", {})
         self._row_columns: dict[str, tuple[str, ...]] = getattr(self, "_row_columns", {})
-
-    def _after_fork(self) -> None:
-        self._reset_caches()
 
     # -- metrics: the hot path ------------------------------------------------------------
     def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
@@ -325,7 +335,7 @@ class Run:
     def start(self) -> None:
         self._set_status(RunStatus.Running)
 
-    def complete(self, _set_status: bool = True) -> None:
+    def complete(self) -> None:
         """Mark the run Completed. A submitted run is completed by its launcher when every process
         has exited: here it only flushes what was logged."""
         if self.run_type == SCRIPT_RUN:
@@ -333,7 +343,7 @@ class Run:
             return
         self._finish(RunStatus.Completed)
 
-    def fail(self, error_details: Any = None, error_code: str | None = None, _set_status: bool = True) -> None:
+    def fail(self, error_details: Any = None, error_code: str | None = None) -> None:
         """Mark the run Failed (a submitted run too: its launcher then stops every process)."""
         error = {"message": str(error_details) if error_details is not None else "", "code": error_code}
         self._finish(RunStatus.Failed, error)
@@ -480,7 +490,7 @@ class Run:
 
     # -- readers (through the read API) -------------------------------------------------------
     def _api(self) -> ApiClient:
-        return self.experiment.workspace._api()
+        return self.experiment.workspace.read_api()
 
     def _load_details(self) -> None:
         details = self._api().get(f"/api/runs/{self.id}")
@@ -590,7 +600,7 @@ class Experiment:
             params["tag"] = _filter_param(tags)
         if properties is not None:
             params["property"] = _filter_param(properties)
-        rows = self.workspace._api().get("/api/runs", **params)
+        rows = self.workspace.read_api().get("/api/runs", **params)
         return [self._run_from_row(r) for r in rows]
 
     def _run_from_row(self, row: Mapping[str, Any]) -> Run:
@@ -600,13 +610,38 @@ class Experiment:
         return run
 
     def submit(self, config: Any, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> Run:
-        """Submit a ScriptRunConfig: the run is Queued at once and carried out by a local launcher."""
-        from .launcher import submit
+        """Submit a ScriptRunConfig: the run is Queued at once and carried out by a local launcher process
+        (docs/submitting.md), which snapshots nothing itself: the source directory is snapshotted here."""
+        from .config import ConfigError, ScriptRunConfig
+        from .launcher import spawn
+        from .snapshot import make_snapshot
 
         unknown = set(kwargs) - {"display_name"}
         if unknown:
             raise TypeError(f"Experiment.submit() got unexpected argument(s): {', '.join(sorted(unknown))}")
-        return submit(self, config, tags=dict(tags) if tags else None, display_name=kwargs.get("display_name"))
+        if not isinstance(config, ScriptRunConfig):
+            raise ConfigError(f"Experiment.submit: config must be a ScriptRunConfig, not {type(config).__name__}")
+        settings = self.workspace.settings
+        config.check(settings)
+        run_id = new_run_id(self.name)
+        run_dir = settings.home / "runs" / run_id
+        source = Path(config.source_directory).expanduser().resolve()
+        info = make_snapshot(source, run_dir / "snapshot.zip", settings.snapshot_max_bytes)
+        props = {names.SCRIPT_PROPERTY: config.script, names.SOURCE_DIRECTORY_PROPERTY: str(source),
+                 names.NODES_PROPERTY: str(config.node_count),
+                 names.PROCESSES_PER_NODE_PROPERTY: str(config.process_count_per_node),
+                 names.PROCESSES_PROPERTY: str(config.node_count * config.process_count_per_node),
+                 names.SNAPSHOT_FILES_PROPERTY: str(info.files), names.SNAPSHOT_BYTES_PROPERTY: str(info.bytes)}
+        run = Run._start(self, display_name=kwargs.get("display_name") or Path(config.script).stem, run_id=run_id,
+                         run_type=SCRIPT_RUN, status=RunStatus.Queued, compute_target=config.compute_target,
+                         properties=props, tags=dict(tags) if tags else None, heartbeats=False)
+        spec = {"run_id": run_id, "experiment": self.name, "config": dataclasses.asdict(config),
+                "source_directory": str(source), "snapshot": str(run_dir / "snapshot.zip"),
+                "snapshot_info": dataclasses.asdict(info), "submitted_ts": time.time()}
+        # The Queued record goes out before the launcher's first event, so the run's history is in order.
+        run.flush(10.0)
+        run.launcher = spawn(run_dir, spec, settings)
+        return run
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name}, Workspace: {self.workspace.name})"
@@ -636,7 +671,8 @@ class Workspace:
         settings.update(overrides)
         return _cached_workspace(name, Settings.load(**settings))
 
-    def _api(self) -> ApiClient:
+    def read_api(self) -> ApiClient:
+        """The client of this workspace's read API (what every reader of runs, metrics and files asks)."""
         if self._client is None:
             self._client = ApiClient(self.settings)
         return self._client

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pathspec
 
-from runwatch.core.client import RunwatchError
+from runwatch.core.errors import RunwatchError
 
 IGNORE_FILES = (".amlignore", ".gitignore")
 #: Never part of a snapshot: version-control internals and runwatch's own state.

@@ -32,10 +32,6 @@ class Record:
         return _LEN.pack(len(body)) + body
 
 
-class SpoolFull(Exception):
-    """The spool's bound was hit; the record was not written."""
-
-
 class Spool:
     """One process's spool: a directory of numbered segment files read oldest first.
 
@@ -93,9 +89,6 @@ class Spool:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-    def is_empty(self) -> bool:
-        return not self._opened or self._bytes == 0
 
     def append(self, records: list[Record]) -> list[Record]:
         """Write records in order; return those refused because the bound was hit."""

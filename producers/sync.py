@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from runwatch.core.client import StackNotRunning
+from runwatch.core.errors import StackNotRunning
+from runwatch.core import kafka
 from runwatch.core.settings import Settings
 
-from .emitter import ensure_topics
 from .spool import Spool, pending_spools
 
 
@@ -20,18 +20,12 @@ def sync_spools(settings: Settings, progress: Callable[[str], None] = lambda s: 
 
 
 async def _sync(settings: Settings, bootstrap: str, progress) -> dict[str, int]:
-    from aiokafka import AIOKafkaProducer
-
     result = {"spools": 0, "events": 0, "busy": 0}
     dirs = pending_spools(settings.home)
     if not dirs:
         return result
-    await ensure_topics(bootstrap, settings)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=settings.use_idempotence(),
-                                **settings.kafka_args(),
-                                compression_type=settings.compression or None, max_batch_size=1 << 20,
-                                max_request_size=settings.max_request_size,
-                                request_timeout_ms=settings.request_timeout_ms)
+    await kafka.ensure_topics(settings, bootstrap)
+    producer = kafka.producer(settings, bootstrap, client_id="runwatch-sync")
     await producer.start()
     try:
         for d in dirs:

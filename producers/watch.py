@@ -7,11 +7,13 @@ import sys
 import time
 from typing import Any, TextIO
 
-from runwatch.core.client import NotFound, RunwatchError
-from runwatch.core.events import TERMINAL_STATES
-from runwatch.core.names import DRIVER_LOG_PREFIX, LOG_COUNTS_PROPERTY, PROCESSES_PROPERTY
-
-_TERMINAL = {s.value for s in TERMINAL_STATES}
+from runwatch.core.errors import NotFound, RunwatchError
+from runwatch.core.names import (
+    DRIVER_LOG_PREFIX,
+    LOG_COUNTS_PROPERTY,
+    PROCESSES_PROPERTY,
+)
+from runwatch.core.states import TERMINAL, WAITING
 
 
 class RunFailedError(RunwatchError):
@@ -91,7 +93,7 @@ class OutputFollower:
 def wait(run, show_output: bool, raise_on_error: bool, timeout: float | None, poll_interval: float,
          out: TextIO | None = None) -> dict[str, Any]:
     out = out or sys.stdout
-    api = run._api()
+    api = run.experiment.workspace.read_api()
     deadline = None if timeout is None else time.monotonic() + timeout
     follower = OutputFollower(api, run.id, out) if show_output else None
     last_status = None
@@ -112,9 +114,9 @@ def wait(run, show_output: bool, raise_on_error: bool, timeout: float | None, po
             out.write(f"[status] {status}\n")
             out.flush()
         last_status = status
-        if follower is not None and status not in ("NotStarted", "Queued"):
+        if follower is not None and status not in WAITING:
             follower.poll()
-        if status in _TERMINAL:
+        if status in TERMINAL:
             break
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"run {run.id} is still {status} after {timeout} s")

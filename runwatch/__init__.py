@@ -16,7 +16,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(_run, name)
     if name == "ScriptRunConfig":
-        from runwatch.producers.launcher import ScriptRunConfig
+        from runwatch.producers.config import ScriptRunConfig
 
         return ScriptRunConfig
     if name == "RunDetails":
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
         return RunFailedError
     if name == "RunwatchError":
-        from .core.client import RunwatchError
+        from .core.errors import RunwatchError
 
         return RunwatchError
     raise AttributeError(f"module 'runwatch' has no attribute {name!r}")

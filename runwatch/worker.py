@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from .core import kafka
 from .core.settings import Settings
 from .stack import write_json_atomic
 
@@ -28,11 +29,10 @@ def clickhouse_client(settings: Settings):
 
 
 def run(settings: Settings) -> None:
-    from runwatch.processors.app import Processors
-    from runwatch.producers.emitter import ensure_topics
     from runwatch.api.filestore import FileStore
     from runwatch.api.live import LiveTail
     from runwatch.api.queries import Queries
+    from runwatch.processors.app import Processors
     from runwatch.sinks.schema import migrate
     from runwatch.sinks.writer import ClickHouseSink
 
@@ -42,7 +42,7 @@ def run(settings: Settings) -> None:
     if not bootstrap:
         raise SystemExit("runwatch worker: no broker address (set RUNWATCH_BOOTSTRAP_SERVERS or run `runwatch up`)")
     settings.home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_retry(lambda: ensure_topics(bootstrap, settings)))
+    asyncio.run(_retry(lambda: kafka.ensure_topics(settings, bootstrap)))
     asyncio.set_event_loop(asyncio.new_event_loop())
 
     if settings.worker_role not in ("all", "processors"):

@@ -17,18 +17,29 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from runwatch.core.events import (Alert, DeadLetter, Envelope, EventError, FileStored, LogBatch, MetricAggregates, MetricBatch, RunState,
-                             Transition, decode)
+from runwatch.core.events import (
+    Alert,
+    DeadLetter,
+    Envelope,
+    EventError,
+    FileStored,
+    LogBatch,
+    MetricAggregates,
+    MetricBatch,
+    RunState,
+    Transition,
+    decode,
+)
 from runwatch.core.settings import Settings
-from runwatch.core.events import TERMINAL_STATES
+from runwatch.core.states import TERMINAL
 
 from .schema import DTYPE_CODES, KIND_CODES
 
@@ -37,7 +48,6 @@ log = logging.getLogger("runwatch.sink")
 DB = "runwatch"
 TS = pa.timestamp("us", tz="UTC")
 SINK_TOPICS = ("metrics", "logs", "aggregates", "alerts", "dlq")
-TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
 @dataclass
@@ -217,14 +227,12 @@ class RowBuilder:
 
     def _metrics(self, env: Envelope, p: MetricBatch) -> None:
         c = self.points
-        if p.n_numeric:
-            idx, step, ts, val = p.arrays()
+        for idx, step, ts, val, texts in p.parts():
             self._metric_rows(env, p, idx, step, ts, val)
-            c.const("text", "", len(idx))
-        if p.n_text:
-            s_idx, s_step, s_ts, texts = p.text_arrays()
-            self._metric_rows(env, p, s_idx, s_step, s_ts, np.full(len(texts), np.nan))
-            c.mapped("text", texts, np.arange(len(texts)))
+            if texts is None:
+                c.const("text", "", len(idx))
+            else:
+                c.mapped("text", texts, np.arange(len(texts)))
 
     def _metric_rows(self, env, p: MetricBatch, idx, step, ts, val) -> None:
         c, n = self.points, len(idx)

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from runwatch.core.settings import Settings
-from runwatch.stack import free_port, port_open, tansu_binary
+from runwatch.core.net import free_port, port_open
+from runwatch.stack import tansu_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 

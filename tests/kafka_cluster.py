@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from runwatch.stack import free_port, port_open
+from runwatch.core.net import free_port, port_open
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_VERSION = os.environ.get("RUNWATCH_TEST_KAFKA_VERSION", "4.1.1")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from runwatch.stack import free_port
+from runwatch.core.net import free_port
 
 
 class TcpProxy:

@@ -76,10 +76,10 @@ def filled(broker, tmp_path_factory):
         submitted = exp_a.submit(ScriptRunConfig(source_directory=str(src), script="train.py",
                                                  process_count_per_node=2))
         running = exp_c.submit(ScriptRunConfig(source_directory=str(src), script="sleep.py", compute_target="single"))
-        launchers.append(running._launcher)
+        launchers.append(running.launcher)
         wait_until(lambda: running.get_status() == "Running", 60, 0.1, what="sleeper Running")
         queued = exp_c.submit(ScriptRunConfig(source_directory=str(src), script="sleep.py", compute_target="single"))
-        launchers.append(queued._launcher)
+        launchers.append(queued.launcher)
         assert submitted.wait_for_completion(timeout=90)["status"] == "Completed"
 
         def stored():

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, unique_name, wait_until
 from runwatch import Experiment, ScriptRunConfig, Workspace
-from runwatch.core.names import FileError
+from runwatch.core.errors import FileError
 
 
 def files_of(worker, run_id, *, when=None):

@@ -12,12 +12,13 @@ import pytest
 
 from runwatch.processors.logic import RunStateLogic, update_tails
 from runwatch.producers.compute import SlotPool
-from runwatch.producers.launcher import ConfigError, ScriptRunConfig
+from runwatch.producers.config import ConfigError, ScriptRunConfig
 from runwatch.producers.logs import LogWriter
 from runwatch.producers.snapshot import SnapshotError, collect, make_snapshot
 from runwatch.core.events import LivenessCheck, LogBatch, RunCreated, RunStatus, StatusChanged, make_envelope
 from runwatch.core.settings import Settings
-from runwatch.core.names import FileError, safe_name
+from runwatch.core.errors import FileError
+from runwatch.core.names import safe_name
 from runwatch.api.filestore import FileStore
 
 

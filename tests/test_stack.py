@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, wait_until
-from runwatch.stack import pid_alive
+from runwatch.core.net import pid_alive
 
 
 def rw(home, *args, timeout=120):

@@ -252,9 +252,9 @@ def test_killed_run_becomes_not_responding_then_failed_with_alerts(stack_env, tm
     wait_until(lambda: worker.get(f"/api/runs/{run.id}/logs", file="azureml-logs/70_driver_log_1.txt")["lines"],
                30, what="rank 1's first line stored")
     # the whole run vanishes at once, as when its machine is gone
-    for pid in [run._launcher.pid, *pids]:
+    for pid in [run.launcher.pid, *pids]:
         os.kill(pid, signal.SIGKILL)
-    run._launcher.wait(10)
+    run.launcher.wait(10)
     t0 = time.monotonic()
     wait_until(status_is(run, "NotResponding", "Failed"), 30, what="NotResponding")
     wait_until(status_is(run, "Failed"), 30, what="Failed after NotResponding")

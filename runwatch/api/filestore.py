@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from runwatch.core.names import RESERVED, FileError, safe_name, run_dir_name
+from runwatch.core.errors import FileError
+from runwatch.core.names import RESERVED, run_dir_name, safe_name
 
 __all__ = ["FileStore", "FileError", "safe_name"]
 

@@ -8,6 +8,9 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
+from runwatch.core.names import PROCESSES_PROPERTY, SCRIPT_RUN
+from runwatch.core.states import ACTIVE
+
 DB = "runwatch"
 ISO = "'%Y-%m-%dT%H:%i:%S.%f+00:00'"
 
@@ -119,22 +122,8 @@ class Queries:
             params["parent"] = parent
         elif not include_children:
             where.append("r.parent_run_id IS NULL")
-        for i, t in enumerate(tags or []):
-            k, eq, v = t.partition("=")
-            params[f"tk{i}"] = k
-            if eq:
-                where.append(f"mapContains(r.tags, {{tk{i}:String}}) AND r.tags[{{tk{i}:String}}] = {{tv{i}:String}}")
-                params[f"tv{i}"] = v
-            else:
-                where.append(f"mapContains(r.tags, {{tk{i}:String}})")
-        for i, t in enumerate(properties or []):
-            k, eq, v = t.partition("=")
-            params[f"pk{i}"] = k
-            if eq:
-                where.append(f"r.properties[{{pk{i}:String}}] = {{pv{i}:String}}")
-                params[f"pv{i}"] = v
-            else:
-                where.append(f"mapContains(r.properties, {{pk{i}:String}})")
+        _map_filters(where, params, "r.tags", "t", tags)
+        _map_filters(where, params, "r.properties", "p", properties)
         if sort not in SORTS:
             raise ValueError(f"sort must be one of {sorted(SORTS)}, not {sort!r}")
         if order not in ("asc", "desc"):
@@ -247,8 +236,8 @@ class Queries:
     # -- compute --------------------------------------------------------------------------------
     def compute(self, slots: dict[str, int], name: str | None = None) -> list[dict[str, Any]]:
         """Each compute target with its queued and active submitted runs (oldest first) and the slots they hold."""
-        where = "status IN {active:Array(String)} AND run_type = 'azureml.scriptrun'"
-        params: dict[str, Any] = {"active": list(ACTIVE_STATES)}
+        where = "status IN {active:Array(String)} AND run_type = {script_run:String}"
+        params: dict[str, Any] = {"active": sorted(ACTIVE), "script_run": SCRIPT_RUN}
         if name is not None:
             where += " AND compute_target = {target:String}"
             params["target"] = name
@@ -258,7 +247,7 @@ class Queries:
         for r in map(run_row, rows):
             t = targets.setdefault(r["compute_target"], {"name": r["compute_target"], "slots": None, "queued": [],
                                                          "running": [], "slots_in_use": 0})
-            procs = _int(r["properties"].get("_runwatch.processes"), 1)
+            procs = _int(r["properties"].get(PROCESSES_PROPERTY), 1)
             entry = {k: r[k] for k in ("run_id", "experiment", "status", "created_time", "start_time")}
             entry["processes"] = procs
             if r["status"] == "Queued":
@@ -349,15 +338,9 @@ class Queries:
                     continue  # stored since the tail was asked
                 have.add(key)  # a producer's repeat of it further on in the tail
                 p = env.payload
-                series = []  # (name index, step, ts, value, text) arrays: numbers, then strings
-                if p.n_numeric:
-                    idx, step, ts, val = p.arrays()
-                    series.append((idx, step, ts, val.tolist(), itertools.repeat("")))
-                if p.n_text:
-                    idx, step, ts, texts = p.text_arrays()
-                    series.append((idx, step, ts, itertools.repeat(math.nan), texts))
-                for idx, step, ts, values, texts in series:
-                    for i, st, t, v, text in zip(idx.tolist(), step.tolist(), ts.tolist(), values, texts):
+                for idx, step, ts, values, texts in p.parts():
+                    for i, st, t, v, text in zip(idx.tolist(), step.tolist(), ts.tolist(), values.tolist(),
+                                                 itertools.repeat("") if texts is None else texts):
                         n = p.names[i]
                         if name is None or n.name == name:
                             rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, text, t))
@@ -372,8 +355,20 @@ class Queries:
         return {t: {"rows": int(n), "bytes_on_disk": int(b), "compressed_bytes": int(c)} for t, n, b, c in rows}
 
 
-#: States in which a run holds (or waits for) compute.
-ACTIVE_STATES = ("Queued", "Preparing", "Starting", "Running", "Finalizing", "CancelRequested", "NotResponding")
+
+
+def _map_filters(where: list[str], params: dict[str, Any], column: str, prefix: str, items: list[str] | None) -> None:
+    """Filters on a Map column (tags, properties): NAME (the key is there) or NAME=VALUE (there, with that
+    value; NAME= is the key with the empty value)."""
+    for i, item in enumerate(items or []):
+        k, eq, v = item.partition("=")
+        key = f"{prefix}k{i}"
+        params[key] = k
+        cond = f"mapContains({column}, {{{key}:String}})"
+        if eq:
+            params[f"{prefix}v{i}"] = v
+            cond += f" AND {column}[{{{key}:String}}] = {{{prefix}v{i}:String}}"
+        where.append(cond)
 
 
 def _int(value: Any, default: int) -> int:

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from runwatch.api.filestore import FileError, FileStore
 from runwatch.api.queries import Queries, counts
-
 from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.api")

@@ -5,28 +5,11 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import ApiError, NotFound, StackNotRunning
 from .settings import Settings
 
 if TYPE_CHECKING:
     import httpx
-
-
-class RunwatchError(Exception):
-    """Base class of the errors runwatch raises on purpose."""
-
-
-class StackNotRunning(RunwatchError):
-    def __init__(self, where: str | None):
-        where_text = f"no read API answers at {where}" if where else "no stack is recorded"
-        super().__init__(f"runwatch: the stack is not running ({where_text}). Start it with `runwatch up`.")
-
-
-class NotFound(RunwatchError, LookupError):
-    pass
-
-
-class ApiError(RunwatchError):
-    pass
 
 
 class ApiClient:

@@ -13,27 +13,10 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .states import RunStatus
+
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
-
-
-class RunStatus(str, enum.Enum):
-    """Azure ML's run states."""
-
-    NotStarted = "NotStarted"
-    Queued = "Queued"
-    Preparing = "Preparing"
-    Starting = "Starting"
-    Running = "Running"
-    Finalizing = "Finalizing"
-    CancelRequested = "CancelRequested"
-    Completed = "Completed"
-    Failed = "Failed"
-    Canceled = "Canceled"
-    NotResponding = "NotResponding"
-
-
-TERMINAL_STATES = frozenset({RunStatus.Completed, RunStatus.Failed, RunStatus.Canceled})
 
 
 class MetricKind(str, enum.Enum):
@@ -191,6 +174,17 @@ class MetricBatch(_Model):
 
     def text_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         return _arr(self.s_idx, "<u4"), _arr(self.s_step, "<i8"), _arr(self.s_ts, "<i8"), self.s_text
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str] | None]]:
+        """The batch's points as column groups (name index, step, ts µs, value, texts): the numbers (texts
+        None), then the strings (value NaN). Every stage that reads a batch's points reads them here."""
+        out = []
+        if self.n_numeric:
+            out.append((*self.arrays(), None))
+        if self.n_text:
+            idx, step, ts, texts = self.text_arrays()
+            out.append((idx, step, ts, np.full(len(texts), np.nan), texts))
+        return out
 
     @classmethod
     def from_arrays(cls, names: list[MetricName], idx, step, ts, value, s_idx=None, s_step=None, s_ts=None,

@@ -1,12 +1,26 @@
-"""Run file names: the rules every stage applies, so that no name can leave its run's directory."""
+"""Names every stage agrees on: run ids, run types, internal properties, and run file names (the rules
+that keep a name inside its run's directory)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
+import uuid
 from typing import Any
 
-from .client import RunwatchError
+from .errors import FileError
+
+#: The run type of a submitted run: its launcher owns its lifecycle (Azure ML's name).
+SCRIPT_RUN = "azureml.scriptrun"
+#: Properties under this prefix are runwatch's own (shown with `--all`, hidden by default).
+INTERNAL_PREFIX = "_runwatch."
+
+
+def new_run_id(experiment: str) -> str:
+    """A new run's id: its experiment, the second it started, and 8 random hex digits."""
+    return f"{experiment}_{int(time.time())}_{uuid.uuid4().hex[:8]}"
+
 
 # A submitted run's log files, in Azure ML's layout (docs/submitting.md).
 DRIVER_LOG_PREFIX = "azureml-logs/70_driver_log_"
@@ -17,6 +31,13 @@ LAUNCHER_LOG = "logs/azureml/launcher_azureml.log"
 LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
 #: The run property where `submit` records how many processes the run starts.
 PROCESSES_PROPERTY = "_runwatch.processes"
+#: What `submit` records of a submitted run besides (the script, where it came from, its layout, its snapshot).
+SCRIPT_PROPERTY = "_runwatch.script"
+SOURCE_DIRECTORY_PROPERTY = "_runwatch.source_directory"
+NODES_PROPERTY = "_runwatch.nodes"
+PROCESSES_PER_NODE_PROPERTY = "_runwatch.processes_per_node"
+SNAPSHOT_FILES_PROPERTY = "_runwatch.snapshot_files"
+SNAPSHOT_BYTES_PROPERTY = "_runwatch.snapshot_bytes"
 
 
 def driver_log(rank: int) -> str:
@@ -38,10 +59,6 @@ def job_post_log(node: int) -> str:
 MAX_NAME = 1024
 RESERVED = (".runwatch-meta", ".runwatch-tmp")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")
-
-
-class FileError(RunwatchError, ValueError):
-    """A name, size or checksum the store refuses; the message says which and why."""
 
 
 def safe_name(name: Any) -> str:
