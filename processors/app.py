@@ -85,7 +85,7 @@ class Processors:
         self.run_logic = RunStateLogic()
         self.started = time.time()
         self.liveness_checks = 0
-        self._check_seq = itertools.count()
+        self._check_seqs: dict[str, itertools.count] = {}  # run_id -> this worker's next check seq for it
         self._checked: dict[str, tuple] = {}  # run_id -> (status, last_seen) a check was written for
         self.webhook = Webhook(settings) if settings.alert_webhook_url else None
 
@@ -196,6 +196,6 @@ class Processors:
                 continue  # written already; waiting for the agent to apply it
             self._checked[run_id] = marker
             self.liveness_checks += 1
-            env = make_envelope(run_id, st["experiment"], check, next(self._check_seq),
+            env = make_envelope(run_id, st["experiment"], check, next(self._check_seqs.setdefault(run_id, itertools.count())),
                                 event_id=derived_id("live", run_id, check.if_status.value, repr(check.last_seen)))
             await self.out["runs"].send(key=run_id.encode(), value=encode(env))

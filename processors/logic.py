@@ -24,9 +24,10 @@ from runwatch.core.events import (
     make_envelope,
 )
 from runwatch.core.names import DRIVER_LOG_PREFIX
+from runwatch.core.seqs import SeqSet
 from runwatch.core.states import LIVE
 
-from . import aggregates as agg
+from runwatch.core import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
 
 Out = tuple[str, str, Any]  # (topic name without prefix, run_id, envelope)
@@ -37,13 +38,14 @@ def derived_id(*parts: str) -> str:
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
 
-def is_repeat(seen: dict[str, int], env: Envelope) -> bool:
-    """True when this (source, seq) was already applied; records it otherwise."""
+def is_repeat(seen: dict[str, Any], env: Envelope) -> bool:
+    """True when this (source, seq) was already applied; records it otherwise. `seen` is a state's JSON-able
+    {source: SeqSet wire form} (runwatch/core/seqs.py)."""
     key = env.source.key
-    last = seen.get(key)
-    if last is not None and env.seq <= last:
+    taken = SeqSet.from_wire(seen[key]) if key in seen else SeqSet()
+    if not taken.add(env.seq):
         return True
-    seen[key] = env.seq
+    seen[key] = taken.to_wire()
     return False
 
 
@@ -172,9 +174,9 @@ class RunStateLogic:
 
     @staticmethod
     def _state_event(st: dict[str, Any], event_id: str) -> Out:
-        public = {k: v for k, v in st.items() if k != "seen"}
+        # the snapshot carries `seen` too: the sink stores it, and the processors reload it after a restart
         return ("aggregates", st["run_id"],
-                make_envelope(st["run_id"], st["experiment"], RunState(version=st["version"], snapshot=public),
+                make_envelope(st["run_id"], st["experiment"], RunState(version=st["version"], snapshot=dict(st)),
                               st["version"], event_id=event_id))
 
     def _resend(self, st: dict[str, Any]) -> Out:

@@ -87,7 +87,9 @@ class Emitter:
         self.stats = Stats()
         self._warned_drop = False
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
-        self._seq = itertools.count()
+        #: (run_id, topic) -> the next seq: a source numbers its events per run and topic from 0, so what is
+        #: missing of them can be told (runwatch/core/seqs.py)
+        self._seqs: dict[tuple[str, str], itertools.count] = {}
         self._woken_for: list | None = None
         self._retired: list[tuple[int, list, int]] = []  # (kind, swapped list, cycles left)
         self._thread: threading.Thread | None = None
@@ -348,7 +350,10 @@ class Emitter:
                 self._enqueue_event(run_id, exp, batch, "metrics", points=min(hi, total) - lo + (len(s_vv) if first else 0))
 
     def _enqueue_event(self, run_id: str, experiment: str, payload: Any, topic: str, points: int = 0) -> None:
-        env: Envelope = make_envelope(run_id, experiment, payload, next(self._seq))
+        counter = self._seqs.get((run_id, topic))
+        if counter is None:
+            counter = self._seqs[(run_id, topic)] = itertools.count()
+        env: Envelope = make_envelope(run_id, experiment, payload, next(counter))
         rec = Record(self.settings.topic(topic), run_id.encode(), encode(env), run_id, points)
         self._enqueue(rec)
 

@@ -34,7 +34,8 @@ def run(settings: Settings) -> None:
     from runwatch.api.queries import Queries
     from runwatch.processors.app import Processors
     from runwatch.sinks.schema import migrate
-    from runwatch.sinks.writer import ClickHouseSink
+    from runwatch.sinks.sink import Sink
+    from runwatch.sinks.store import ClickHouseStore
 
     from .api.server import ReadApi
 
@@ -53,7 +54,7 @@ def run(settings: Settings) -> None:
     version = migrate(writer_client)
     reader_client = clickhouse_client(settings)
     procs = Processors(settings, bootstrap)
-    sink = ClickHouseSink(settings, writer_client, bootstrap, lookup=reader_client)
+    sink = Sink(settings, ClickHouseStore(writer_client, settings, lookup=reader_client), bootstrap)
     live = (LiveTail(settings, bootstrap, sink.stored_offset, sink.metrics_partitions)
             if settings.live_max_runs > 0 else None)
     started = time.time()
@@ -70,9 +71,9 @@ def run(settings: Settings) -> None:
                          "failed": procs.webhook.failed} if procs.webhook else None),
             "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
                      "events": sink.stats.events, "repeats_dropped": sink.stats.repeats_dropped, "rejected": sink.stats.rejected,
-                     "dead_letters": sink.stats.dead_letters, "lag": dict(sink.stats.lag),
-                     "aggregates_checked": sink.stats.aggregates_checked,
-                     "aggregates_repaired": sink.stats.aggregates_repaired,
+                     "dead_letters": sink.stats.dead_letters, "data_errors": sink.stats.data_errors,
+                     "lag": dict(sink.stats.lag),
+                     "aggregates_checked": sink.checks.checked, "aggregates_repaired": sink.checks.repaired,
                      "retries": sink.stats.insert_retries},
             "live": live.health() if live is not None else None,
             "broker": bootstrap,

@@ -1,4 +1,5 @@
-"""ClickHouse: the schema and its migrations, the batching writer, the read queries."""
+"""ClickHouse: the schema and its migrations, the sink (consume, write, commit), the store writer, the
+aggregates' repair."""
 
 from .schema import LATEST, migrate
 

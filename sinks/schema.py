@@ -85,6 +85,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             MODIFY COLUMN text String CODEC(LZ4),
             MODIFY COLUMN seq UInt64 CODEC(Delta, LZ4)""",
     ]),
+    # The processors' run state survives a restart of the embedded broker (whose changelog topics vanish):
+    # they reload it from `runs`, with what they had taken of each source (core/seqs.py), kept here.
+    (4, "runs keep the sequence numbers their state was built from", [
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS seen String DEFAULT ''",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

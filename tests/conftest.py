@@ -159,10 +159,16 @@ class Worker(_Process):
         env.update(self.extra_env)
         return env
 
+    def command(self) -> list[str]:
+        """`runwatch worker`; with RUNWATCH_TEST_FAULT, the same worker with that fault in its store's writes."""
+        if "RUNWATCH_TEST_FAULT" in self.env():
+            return [sys.executable, str(ROOT / "tests" / "fault_worker.py")]
+        return [sys.executable, "-m", "runwatch.cli", "worker"]
+
     def start(self, timeout: float = 60) -> "Worker":
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / "worker.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runwatch.cli", "worker"], env=self.env(), stdout=log,
+        self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
         try:
             wait_until(self.ready, timeout, 0.1, what="worker ready")

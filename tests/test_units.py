@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from runwatch.processors.aggregates import batch_aggregates, merge, metric_key
+from runwatch.core.aggregates import batch_aggregates, merge, metric_key
 from runwatch.processors.logic import RunStateLogic
 from runwatch.processors.states import TRANSITIONS, check_transition
 from runwatch.core.events import (EventError, MetricAggregates, MetricBatch, MetricName, RunCreated, RunStatus, StatusChanged,
@@ -154,7 +154,7 @@ def test_sink_chunks_cover_a_fetch_once_in_order_within_the_limit(sizes, limit, 
     contiguous ranges, a chunk over the limit only when it is one message (or a range replayed whole)."""
     from types import SimpleNamespace
 
-    from runwatch.sinks.writer import _chunks
+    from runwatch.sinks.sink import _chunks
 
     ranges = {}
     for tp, lens in enumerate(sizes):
@@ -186,8 +186,9 @@ def test_sink_rows_land_exactly_in_chdb(tmp_path, path):
     format), the path a ClickHouse server gets."""
     import clickhouse_connect
 
+    from runwatch.sinks.rows import RowBuilder
     from runwatch.sinks.schema import DTYPE_CODES, KIND_CODES, migrate
-    from runwatch.sinks.writer import RowBuilder, insert_arrow
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -217,7 +218,7 @@ def test_sink_rows_land_exactly_in_chdb(tmp_path, path):
             expected.add((run_id, f"exp-{r}", "img", "image", "", "str", seq, None, f"img-{r}-{seq}.png", seq))
     settings = {"insert_deduplication_token": "unit", "async_insert": 0, "insert_deduplicate": 1}
     if path == "stream":
-        insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], settings)
+        ClickHouseStore(client, Settings.load()).insert("metric_points", builder.tables()["metric_points"], settings)
     else:
         client.insert_arrow("runwatch.metric_points", builder.tables()["metric_points"], settings=settings)
     rows = client.query("SELECT run_id, experiment, name, kind, column, dtype, step, value, text, seq "
@@ -236,11 +237,14 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
 
     import clickhouse_connect
 
+    from runwatch.sinks.repair import AggregatesCheck
+    from runwatch.sinks.rows import RowBuilder
     from runwatch.sinks.schema import migrate
-    from runwatch.sinks.writer import ClickHouseSink, RowBuilder, insert_arrow
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
+    store = ClickHouseStore(client, Settings.load())
     names = [MetricName(name="loss", kind="scalar", dtype="float"), MetricName(name="note", kind="scalar", dtype="str")]
     builder = RowBuilder()
     values = {"short": [3.0, float("nan"), 1.0, 7.0, 2.0], "whole": [5.0, 4.0], "behind": [1.0]}
@@ -250,7 +254,7 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
         batch = MetricBatch.from_arrays(names, np.zeros(n, np.uint32), np.arange(n), ts,
                                         np.array(vals), [1], [0], [1_700_000_000_000_000], ["hello"])
         builder.add(make_envelope(run_id, "exp", batch, 1))
-    insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], {"async_insert": 0})
+    store.insert("metric_points", builder.tables()["metric_points"])
     agg = {"name": "loss", "column": "", "kind": "scalar", "min": 3.0, "max": 3.0, "first": 3.0, "last": 3.0,
            "last_text": "", "last_step": 0, "last_ts": 1_700_000_000_000_000, "version": 4}
     builder = RowBuilder()
@@ -258,11 +262,11 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
         builder.add(make_envelope(run_id, "exp", MetricAggregates(source_event="e", rows=[dict(agg, count=count)]), 1))
         builder.add(make_envelope(run_id, "exp", MetricAggregates(source_event="e", rows=[dict(
             agg, name="note", count=1, min=math.nan, max=math.nan, first=math.nan, last=math.nan, last_text="hello")]), 1))
-    insert_arrow(client, "runwatch.metric_aggregates", builder.tables()["metric_aggregates"], {"async_insert": 0})
+    store.insert("metric_aggregates", builder.tables()["metric_aggregates"])
 
-    sink = ClickHouseSink(Settings.load(aggregates_check_delay=0.0), client, "127.0.0.1:1")
-    sink._to_check = {r: (time.time(), 0) for r in values}
-    sink.check_aggregates()
+    check = AggregatesCheck(store, Settings.load(aggregates_check_delay=0.0))
+    check.due = {r: (time.time(), 0) for r in values}
+    check.run()
     rows = {(r[0], r[1]): r[2:] for r in client.query(
         "SELECT run_id, name, count, min, max, first, last, last_text, last_step, version "
         "FROM runwatch.metric_aggregates FINAL").result_rows}
@@ -270,8 +274,8 @@ def test_sink_recomputes_aggregates_that_fell_short_of_the_stored_points(tmp_pat
     assert rows[("whole", "loss")][0] == 2 and rows[("whole", "loss")][7] == 4      # complete: left alone
     assert rows[("behind", "loss")][0] == 9 and rows[("behind", "loss")][7] == 4    # points behind: not touched
     assert rows[("short", "note")][0] == 1 and rows[("short", "note")][7] == 4
-    assert sink.stats.aggregates_repaired == 1 and sink.stats.aggregates_checked == 3
-    assert list(sink._to_check) == ["behind"]  # looked at again later
+    assert check.repaired == 1 and check.checked == 3
+    assert list(check.due) == ["behind"]  # looked at again later
 
 
 def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
@@ -280,18 +284,19 @@ def test_a_failing_aggregates_check_never_holds_up_the_sink(tmp_path, caplog):
 
     import clickhouse_connect
 
+    from runwatch.sinks.repair import AggregatesCheck
     from runwatch.sinks.schema import migrate
-    from runwatch.sinks.writer import ClickHouseSink
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
     client.command("DROP TABLE runwatch.metric_aggregates")
-    sink = ClickHouseSink(Settings.load(aggregates_check_delay=5.0), client, "127.0.0.1:1")
-    sink._to_check = {"r1": (time.time(), 0), "r2": (time.time(), 5)}
-    sink._check_aggregates_safely()
+    check = AggregatesCheck(ClickHouseStore(client, Settings.load()), Settings.load(aggregates_check_delay=5.0))
+    check.due = {"r1": (time.time(), 0), "r2": (time.time(), 5)}
+    check.run_safely()
     assert "checking finished runs' aggregates failed" in caplog.text
-    assert list(sink._to_check) == ["r1"] and sink._to_check["r1"][1] == 1  # r2 had its 5 tries
-    assert sink._to_check["r1"][0] >= time.time() + 4
+    assert list(check.due) == ["r1"] and check.due["r1"][1] == 1  # r2 had its 5 tries
+    assert check.due["r1"][0] >= time.time() + 4
 
 
 def _sink_chunk(tmp_path, **settings):
@@ -302,17 +307,18 @@ def _sink_chunk(tmp_path, **settings):
 
     from runwatch.core.events import encode
     from runwatch.sinks.schema import migrate
-    from runwatch.sinks.writer import ClickHouseSink
+    from runwatch.sinks.sink import Sink
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
-    sink = ClickHouseSink(Settings.load(**settings), client, "127.0.0.1:1")
+    sink = Sink(Settings.load(**settings), ClickHouseStore(client, Settings.load(**settings)), "127.0.0.1:1")
     tp = TopicPartition(sink.settings.topic("metrics"), 0)
     names = [MetricName(name="loss", kind="scalar", dtype="float")]
     msgs = [ConsumerRecord(tp.topic, 0, i, 0, 0, b"run-1", encode(make_envelope("run-1", "exp", MetricBatch.from_arrays(
         names, np.zeros(10, np.uint32), np.arange(10) + 10 * i, 1_700_000_000_000_000 + np.arange(10), np.ones(10)), i)),
         None, 5, 0, []) for i in range(3)]
-    return client, sink, sink._prepare({tp: (0, 2, msgs)}, {})
+    return client, sink, sink.prepare({tp: (0, 2, msgs)})
 
 
 def _count(client, table: str) -> int:
@@ -324,36 +330,37 @@ def test_the_sink_never_counts_an_insert_chdb_did_not_keep(tmp_path):
     sink committed the offsets: points lost without a word. Now every insert on chDB must show as a new part
     (and its rows, in append-only tables), or the chunk fails and nothing is committed. ClickHouse drops an
     insert whose deduplication token it has seen, which from the sink looks exactly like that loss."""
-    from runwatch.sinks.writer import InsertLostError, insert_arrow
+    from runwatch.sinks.store import InsertLostError
 
     client, sink, ready = _sink_chunk(tmp_path)
-    assert sink._chdb_dir == str(tmp_path / "chdb")
-    token, tables = ready.tables[0]
-    insert_arrow(client, "runwatch.metric_points", tables["metric_points"].slice(0, 1),
-                 {"insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+    assert sink.store.chdb_dir == str(tmp_path / "chdb")
+    token, tables = ready.batch.tables[0]
+    sink.store.insert("metric_points", tables["metric_points"].slice(0, 1),
+                      {"insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
     for attempt in range(2):
         with pytest.raises(InsertLostError, match="metric_points and stored 0 of its 30 rows"):
-            sink._insert(ready)
+            sink.store.write(ready.batch)
         # the intent was stored and verified once: a retry does not write it again
         assert _count(client, "sink_intents") == 1 and _count(client, "metric_points") == 1
         assert sink.stats.events == 0 and sink.stats.rows["metric_points"] == 0 and not sink._stored_next
     # a chunk whose token is new is stored, verified and counted; its intent's check passes again
-    ready.tables[0] = (token + ":new", tables)
-    sink._insert(ready)
+    ready.batch.tables[0] = (token + ":new", tables)
+    sink.store.write(ready.batch)
+    sink._stored(ready)
     assert _count(client, "metric_points") == 31 and sink.stats.events == 3
 
 
 def test_the_sink_writes_nothing_while_the_disk_is_nearly_full(tmp_path):
     """Below `sink_min_free_mb` free on chDB's disk the sink inserts nothing and says why; it retries, and the
     broker keeps the events (here the limit is set above the disk's free space)."""
-    from runwatch.sinks.writer import DiskFullError
+    from runwatch.sinks.store import DiskFullError
 
     client, sink, ready = _sink_chunk(tmp_path, sink_min_free_mb=1 << 40)
     with pytest.raises(DiskFullError, match=r"MiB free on the disk of .*sink_min_free_mb = 1,099,511,627,776"):
-        sink._insert(ready)
+        sink.store.write(ready.batch)
     assert _count(client, "sink_intents") == 0 and _count(client, "metric_points") == 0
-    sink.settings = Settings.load(sink_min_free_mb=0)
-    sink._insert(ready)
+    sink.store.settings = Settings.load(sink_min_free_mb=0)
+    sink.store.write(ready.batch)
     assert _count(client, "metric_points") == 30
 
 
@@ -364,7 +371,8 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
     import clickhouse_connect
 
     import runwatch.sinks.schema as schema
-    from runwatch.sinks.writer import RowBuilder, insert_arrow
+    from runwatch.sinks.rows import RowBuilder
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     every = schema.MIGRATIONS
@@ -377,7 +385,7 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
         batch = MetricBatch.from_arrays([loss], np.zeros(3, np.uint32), np.arange(3),
                                         1_700_000_000_000_000 + np.arange(3), np.array([3.0, 2.0, 1.0]))
         builder.add(make_envelope(run_id, "exp", batch, 1))
-        insert_arrow(client, "runwatch.metric_points", builder.tables()["metric_points"], {"async_insert": 0})
+        ClickHouseStore(client, Settings.load()).insert("metric_points", builder.tables()["metric_points"])
 
     def codec(column: str) -> str:
         return client.query("SELECT compression_codec FROM system.columns WHERE database = 'runwatch' AND "
@@ -387,10 +395,10 @@ def test_a_database_of_an_earlier_schema_is_migrated_in_place(tmp_path, monkeypa
     store("old")
     assert codec("value") == "CODEC(ZSTD(1))"
     monkeypatch.setattr(schema, "MIGRATIONS", every)
-    assert schema.migrate(client) == schema.LATEST == 3
-    assert schema.migrate(client) == 3  # applied once
+    assert schema.migrate(client) == schema.LATEST == 4
+    assert schema.migrate(client) == 4  # applied once
     assert [r[0] for r in client.query("SELECT version FROM runwatch.schema_migrations ORDER BY version")
-            .result_rows] == [1, 2, 3]
+            .result_rows] == [1, 2, 3, 4]
     assert (codec("value"), codec("step"), codec("run_id")) == ("CODEC(LZ4)", "CODEC(Delta(8), LZ4)", "CODEC(LZ4)")
     store("new")
     rows = client.query("SELECT run_id, groupArray(value) FROM (SELECT run_id, value FROM runwatch.metric_points "
@@ -405,8 +413,9 @@ def test_metrics_read_shows_the_live_tail_and_each_point_once(tmp_path):
     import clickhouse_connect
 
     from runwatch.api.queries import Queries
+    from runwatch.sinks.rows import RowBuilder
     from runwatch.sinks.schema import migrate
-    from runwatch.sinks.writer import RowBuilder, insert_arrow
+    from runwatch.sinks.store import ClickHouseStore
 
     client = clickhouse_connect.get_client(dsn=f"chdb://{tmp_path / 'chdb'}")
     migrate(client)
@@ -428,8 +437,8 @@ def test_metrics_read_shows_the_live_tail_and_each_point_once(tmp_path):
         b = RowBuilder()
         for env in envs:
             b.add(env)
-        insert_arrow(client, "runwatch.metric_points", b.tables()["metric_points"],
-                     {"insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
+        ClickHouseStore(client, Settings.load()).insert("metric_points", b.tables()["metric_points"], {
+            "insert_deduplication_token": token, "async_insert": 0, "insert_deduplicate": 1})
 
     store(stored, "a")
     q = Queries(client)

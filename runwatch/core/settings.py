@@ -88,6 +88,9 @@ class Settings:
     #: "all" (processors, sink and read API), or "processors" (only the Faust app: add these to scale out;
     #: one "all" worker keeps the sink and the API).
     worker_role: str = "all"
+    #: "assign": one sink reads every partition (the embedded default: no group join); "group": the sinks of
+    #: one consumer group share the partitions (several `sink` workers); "auto": group for worker_role "sink".
+    sink_mode: str = "auto"
     api_host: str = "127.0.0.1"
     api_port: int = 8765
     broker_port: int = 19092
