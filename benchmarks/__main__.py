@@ -60,7 +60,7 @@ gc.enable()
 floor.sort(); cost.sort()
 q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]
 print(json.dumps({"floor_p50": q(floor, .5), "floor_p99": q(floor, .99), "p50": q(cost, .5), "p99": q(cost, .99),
-                  "flushed": run.flush(30), "dropped": run._em.stats.points_dropped}))
+                  "flushed": run.flush(30), "dropped": run.emitter.stats.points_dropped}))
 '''
 
 THROUGHPUT = r'''
@@ -81,7 +81,7 @@ while True:
 elapsed = time.perf_counter() - t0
 ok = run.flush(120)
 total = time.perf_counter() - t0
-st = run._em.stats
+st = run.emitter.stats
 print(json.dumps({"points": n, "log_seconds": elapsed, "flush_seconds": total, "dropped": st.points_dropped,
                   "spooled": st.events_spooled, "flushed": ok, "run_id": run.id}))
 '''
@@ -96,7 +96,7 @@ for i in range(n // 10000):
     for j in range(10000):
         log("x", 0.5)
 run.flush(120)
-st = run._em.stats
+st = run.emitter.stats
 print(json.dumps({"points": n, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "dropped": st.points_dropped, "spooled_events": st.events_spooled}))
 '''

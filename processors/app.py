@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -17,6 +18,7 @@ from runwatch.core.events import (
     Envelope,
     EventError,
     LogBatch,
+    RunState,
     decode,
     encode,
     make_envelope,
@@ -24,6 +26,11 @@ from runwatch.core.events import (
 from runwatch.core.settings import Settings
 
 from .logic import MetricsLogic, Rejected, RunStateLogic, derived_id, update_tails
+
+#: Run states waiting to go out: sent STATES_WITHIN seconds after the first of them, or once there are
+#: STATES_BATCH of them.
+STATES_BATCH = 500
+STATES_WITHIN = 0.02
 from .notify import Webhook
 
 log = logging.getLogger("runwatch.processors")
@@ -44,8 +51,13 @@ def _credentials(settings: Settings):
 class Processors:
     """Builds the Faust app for one settings object; `ready` turns true after the first rebalance."""
 
-    def __init__(self, settings: Settings, bootstrap: str):
+    def __init__(self, settings: Settings, bootstrap: str, stored=None):
+        """`stored` (sinks/state.py's StoredState, given by the worker): where a run's state is reloaded from
+        when the tables do not have it; None: every run unknown to the tables starts anew."""
         self.settings = settings
+        self.stored = stored
+        self.reloaded = 0
+        self.max_output = settings.processor_max_message_bytes
         self.ready = False
         self.events = 0
         self.dead_letters = 0
@@ -65,7 +77,8 @@ class Processors:
             broker_commit_interval=1.0,
             producer_acks=-1,
             producer_linger_ms=5,
-            producer_compression_type="zstd",  # as the SDK's (runwatch/core/settings.py)
+            producer_compression_type="zstd",
+            producer_max_request_size=settings.max_request_size,  # as the SDK's (runwatch/core/settings.py)
             consumer_auto_offset_reset="earliest",
             web_enabled=False,
             stream_wait_empty=False,
@@ -88,6 +101,8 @@ class Processors:
         self._check_seqs: dict[str, itertools.count] = {}  # run_id -> this worker's next check seq for it
         self._checked: dict[str, tuple] = {}  # run_id -> (status, last_seen) a check was written for
         self.webhook = Webhook(settings) if settings.alert_webhook_url else None
+        self._states: dict[str, Any] = {}  # run_id -> its newest state output, not sent yet
+        self._states_task: asyncio.Future | None = None
 
         @app.agent(self.metrics_topic, name="metrics")
         async def metrics_agent(stream):
@@ -150,22 +165,72 @@ class Processors:
                             event_id=derived_id("dlq", msg.topic, str(msg.partition), str(msg.offset)))
         await self.out["dlq"].send(key=run_id.encode(), value=encode(out))
 
-    async def _emit(self, outputs) -> None:
-        for topic, run_id, env in outputs:
-            await self.out[topic].send(key=run_id.encode(), value=encode(env))
+    def _encoded(self, env: Envelope, outputs) -> list[tuple[str, bytes, bytes]]:
+        """The outputs as messages; an input whose outputs would be larger than a message may be is refused
+        (to the dlq, with the reason) before it changes any state: one huge tag set must not stop the worker."""
+        out = []
+        for topic, run_id, o in outputs:
+            value = encode(o)
+            if len(value) > self.max_output:
+                raise Rejected(f"{env.kind} event: the {o.kind} it leads to would be {len(value):,} bytes; at "
+                               f"most {self.max_output:,} (processor_max_message_bytes): not applied")
+            out.append((topic, run_id.encode(), value))
+        return out
+
+    async def _send(self, messages: list[tuple[str, bytes, bytes]]) -> None:
+        for topic, key, value in messages:
+            await self.out[topic].send(key=key, value=value)
+
+    async def _state(self, table, run_id: str, load, new):
+        """A run's state: the table's, else (after a restart of the embedded broker, whose changelogs are gone)
+        what the store says of it, else a new one."""
+        state = table.get(run_id)
+        if state is None and self.stored is not None:
+            state = await asyncio.get_running_loop().run_in_executor(None, load, run_id)
+            if state is not None:
+                self.reloaded += 1
+        return state if state is not None else new()
 
     async def _on_metrics(self, env: Envelope) -> None:
-        state = self.metric_state.get(env.run_id) or MetricsLogic.new_state()
+        state = await self._state(self.metric_state, env.run_id, getattr(self.stored, "metric_state", None),
+                                  MetricsLogic.new_state)
         outputs = self.metrics_logic.handle(env, state)
         if outputs:
+            messages = self._encoded(env, outputs)
             self.metric_state[env.run_id] = state
-            await self._emit(outputs)
+            await self._send(messages)
 
     async def _on_run_event(self, env: Envelope) -> None:
-        state = self.run_state.get(env.run_id) or RunStateLogic.new_state(env.run_id, env.experiment)
+        state = await self._state(self.run_state, env.run_id, getattr(self.stored, "run_state", None),
+                                  lambda: RunStateLogic.new_state(env.run_id, env.experiment))
+        size = RunStateLogic.check_size(state, env, self.max_output // 4)  # refused before anything changes
         outputs = self.run_logic.handle(env, state, now=time.time(), tails=self.log_tail.get(env.run_id))
+        if size is not None:
+            state["size"] = size
+        now = [o for o in outputs if not isinstance(o[2].payload, RunState)]
+        later = [o for o in outputs if isinstance(o[2].payload, RunState)]
+        messages = self._encoded(env, now)
+        if later:
+            self._encoded(env, later)  # a state too large is refused now, while nothing has changed yet
         self.run_state[env.run_id] = state
-        await self._emit(outputs)
+        await self._send(messages)
+        if later:
+            self._defer_state(env.run_id, later[-1])
+
+    def _defer_state(self, run_id: str, output) -> None:
+        """A run's new state goes out a moment later, once for all its events of that moment: 10,000 separate
+        tag calls cost 10,000 snapshots of a growing tag set before (quadratic, docs/reliability.md)."""
+        self._states[run_id] = output
+        if len(self._states) >= STATES_BATCH:
+            asyncio.ensure_future(self._send_states())
+        elif self._states_task is None or self._states_task.done():
+            self._states_task = asyncio.ensure_future(self._send_states(STATES_WITHIN))
+
+    async def _send_states(self, after: float = 0.0) -> None:
+        if after:
+            await asyncio.sleep(after)
+        states, self._states = self._states, {}
+        await self._send([(topic, run_id.encode(), encode(env)) for topic, run_id, env in states.values()])
 
     async def _on_logs(self, env: Envelope) -> None:
         if isinstance(env.payload, LogBatch):

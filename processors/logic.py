@@ -101,6 +101,30 @@ class RunStateLogic:
     """Per run: a snapshot of everything the run-state machine knows (see `new_state`)."""
 
     @staticmethod
+    def check_size(st: dict[str, Any], env: Envelope, limit: int) -> int | None:
+        """The characters of the run's tags and properties once `env` is applied, or Rejected when that is more
+        than `limit`: the run's state travels as one message, and must never grow past one (DESIGN.md: no event
+        crashes a stage). None for events that do not change them."""
+        p = env.payload
+        if not isinstance(p, (RunCreated, TagsSet, PropertiesSet)):
+            return None
+        size = st.get("size")
+        if size is None:
+            size = (sum(len(k) + len(v or "") for k, v in st["tags"].items())
+                    + sum(len(k) + len(v) for k, v in st["properties"].items()))
+        for k, v in (p.tags.items() if not isinstance(p, PropertiesSet) else ()):
+            if k in st["tags"]:
+                size -= len(k) + len(st["tags"][k] or "")
+            size += len(k) + len(v or "")
+        for k, v in (p.properties.items() if not isinstance(p, TagsSet) else ()):
+            if k not in st["properties"]:  # immutable: the first value stays
+                size += len(k) + len(v)
+        if size > limit:
+            raise Rejected(f"{env.kind} event: the run's tags and properties would be {size:,} characters; at most "
+                           f"{limit:,} (processor_max_message_bytes / 4): not applied")
+        return size
+
+    @staticmethod
     def new_state(run_id: str, experiment: str) -> dict[str, Any]:
         return {
             "run_id": run_id, "experiment": experiment, "display_name": None, "parent_run_id": None,

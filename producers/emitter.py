@@ -1,8 +1,14 @@
 """The background batching producer: one daemon thread per process owns an asyncio loop and the Kafka producer.
 
-`Run.log()` appends a tuple to a plain list (`Emitter.buf`) and returns; this module
-turns those tuples into per-run columnar MetricBatch events every `flush_interval`,
-sends them with acks=all, and spools them to disk while the broker is away.
+`Run.log()` appends a point to the one hot buffer (producers/buffer.py) and returns; this thread takes
+the buffer every `flush_interval` (or when `batch_max_points` are waiting), turns it into per-run columnar
+MetricBatch events, and hands them to a sender that keeps sending while the next ones are packed. What
+cannot be sent yet waits in memory (`outbox_max_bytes`), then in the spool on disk; only a full spool
+drops, and what it drops is counted and reported on the run.
+
+On the embedded broker, which keeps everything in memory, every event sent is also kept on disk until
+the read API says the store has it (producers/retain.py): after the broker's restart, what it lost is
+sent again. A source numbers its events per run and topic from 0 (runwatch/core/seqs.py).
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import itertools
 import logging
 import os
 import threading
@@ -21,18 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from runwatch.core.events import (
-    Envelope,
-    Heartbeat,
-    MetricBatch,
-    MetricName,
-    encode,
-    make_envelope,
-    this_source,
-)
 from runwatch.core import kafka
+from runwatch.core.events import (Heartbeat, MetricBatch, MetricName, PropertiesSet, TagsSet, encode, make_envelope,
+                                  this_source)
 from runwatch.core.settings import Settings
 
+from .buffer import Buffer, Columns
+from .retain import Retention, retention_dir
 from .spool import Record, Spool, spool_dir_for
 
 log = logging.getLogger("runwatch.producer")
@@ -41,11 +41,18 @@ log = logging.getLogger("runwatch.producer")
 HELD_MAX_BYTES = 1 << 20
 #: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
 MAX_POINTS_PER_MESSAGE = 100_000
+#: Points packed at once before the loop lets the sender (and the network) run.
+PACK_STEP = 500_000
+#: Bytes sent before their acknowledgements are awaited.
+SEND_GROUP_BYTES = 16 << 20
+#: Seconds after which an event the store has not confirmed, though it caught up, is sent again (the
+#: processors may skip an event after a crash: DESIGN.md, Faust).
+RESEND_AFTER = 20.0
 
 
 @dataclass
 class Stats:
-    """Counters a user (and the tests) can read: `Emitter.stats`."""
+    """Counters a user (and the tests) can read: `Run.emitter.stats`."""
 
     points_logged: int = 0
     events_sent: int = 0
@@ -54,6 +61,14 @@ class Stats:
     events_dropped: int = 0
     send_errors: int = 0
     background_errors: int = 0
+    #: events sent again after the embedded broker restarted (or the store missed them)
+    events_resent: int = 0
+    #: events kept until the store confirmed them, and those let go before (the bound `retain_max_bytes`)
+    events_confirmed: int = 0
+    events_unconfirmed_released: int = 0
+    #: times the logging thread turned its hot points into columns itself (the background thread was behind)
+    compactions: int = 0
+    compact_seconds: float = 0.0
     dropped_by_run: dict[str, int] = field(default_factory=dict)
 
 
@@ -65,19 +80,14 @@ class _Barrier:
 
 
 class Emitter:
-    """Owns the hot buffers, the background thread, the producer and the spool."""
+    """Owns the hot buffer, the background thread, the producer, the spool and (embedded) the retention."""
 
     def __init__(self, settings: Settings, *, offline: bool = False):
         self.settings = settings
         self.offline = offline
-        # --- hot path state (appended to by any thread, swapped by the background thread)
-        self.buf: list[tuple] = []          # (gidx, step, ts_seconds, float value)
-        self.sbuf: list[tuple] = []         # (gidx, step, ts_seconds, str value)
-        self.chunks: list[tuple] = []       # (gidx, step, ts_seconds, value) numpy arrays
-        self.chunk_points = 0
+        self.buffer = Buffer(settings.batch_max_points, settings.buffer_max_points, settings.buffer_max_bytes,
+                             self._dropped)
         self.control: collections.deque = collections.deque()  # (run_id, experiment, payload)
-        self.batch_max = settings.batch_max_points
-        self.buffer_max = settings.buffer_max_points
         # --- name table: gidx -> (run_id, experiment, MetricName)
         self.names: list[tuple[str, str, MetricName]] = []
         self._run_of: list[int] = []        # gidx -> run index, kept at registration
@@ -87,11 +97,9 @@ class Emitter:
         self.stats = Stats()
         self._warned_drop = False
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
-        #: (run_id, topic) -> the next seq: a source numbers its events per run and topic from 0, so what is
-        #: missing of them can be told (runwatch/core/seqs.py)
-        self._seqs: dict[tuple[str, str], itertools.count] = {}
+        #: (run_id, topic) -> the next seq
+        self._seqs: dict[tuple[str, str], int] = {}
         self._woken_for: list | None = None
-        self._retired: list[tuple[int, list, int]] = []  # (kind, swapped list, cycles left)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_async: asyncio.Event | None = None
@@ -101,11 +109,19 @@ class Emitter:
         self._closed = False
         self._start_lock = threading.Lock()
         self.connected = False
+        #: the cluster id of the broker connected to (for the embedded broker: its stack's id)
+        self.incarnation = ""
         self._spool: Spool | None = None
         self._held: collections.deque[Record] = collections.deque()  # control events the spool refused
         self._held_bytes = 0
+        self._retention: Retention | None = None
+        self._retain = not offline and settings.resolved_broker_kind() == "tansu" and settings.retain_max_bytes > 0
+        self._warned_identity = False
+        self._confirmable = False
+        #: the read API answered the last question about what is stored
+        self._api_answers = False
 
-    # ------------------------------------------------------------------ hot-path helpers
+    # ------------------------------------------------------------------ what runs call
     def register(self, run_id: str, experiment: str, name: MetricName) -> int:
         with self._name_lock:
             self._run_of.append(self._run_index.setdefault(run_id, len(self._run_index)))
@@ -113,29 +129,25 @@ class Emitter:
             return len(self.names) - 1
 
     def full(self) -> None:
-        """Called by log() when the hot buffer reached `batch_max`: wake the thread, or drop."""
+        """log() found the hot buffer at `batch_max` points: wake the thread (once per list); the buffer
+        compacts itself if the thread is behind."""
         self.ensure_started()
-        buf = self.buf
-        if len(buf) > self.buffer_max:
-            # the background thread cannot keep up: drop the newest points, count them, warn once
-            extra = len(buf) - self.buffer_max
-            for _ in range(extra):
-                try:
-                    point = buf.pop()
-                except IndexError:
-                    break
-                self.count_drop(self.names[int(point[0])][0], 1)
-        if self._woken_for is not buf:  # once per buffer: every log() after the mark would otherwise write
-            self._woken_for = buf       # to the loop's self-pipe (a system call) until the thread swaps it
+        buf = self.buffer
+        num = buf.num
+        if len(num) + len(buf.text) >= buf.hot_max or buf.nbytes > buf.max_bytes:
+            buf.full()
+        if self._woken_for is not num:  # once per list: every log() after the mark would otherwise write
+            self._woken_for = num       # to the loop's self-pipe (a system call) until the thread swaps it
             self.wake()
 
-    def add_chunk(self, chunk: tuple) -> None:
-        """A whole column of points (log_list, log_table); wakes the thread once a batch's worth is waiting."""
-        self.chunks.append(chunk)
-        self.chunk_points += len(chunk[0])
-        if self.chunk_points >= self.batch_max:
-            self.ensure_started()
+    def added(self, wake: bool) -> None:
+        """A slower path added points (strings, rows, columns): start the thread, and wake it if asked."""
+        self.ensure_started()
+        if wake:
             self.wake()
+
+    def _dropped(self, gidx: int, n: int) -> None:
+        self.count_drop(self.names[int(gidx)][0], n)
 
     def count_drop(self, run_id: str, n: int) -> None:
         """Count points that could not be kept (reported on the run as dropped_points); warn once."""
@@ -143,7 +155,8 @@ class Emitter:
         self.stats.dropped_by_run[run_id] = self.stats.dropped_by_run.get(run_id, 0) + n
         if not self._warned_drop:
             self._warned_drop = True
-            log.warning("runwatch: dropping metric points (buffer or spool full); the count is reported on the run")
+            log.warning("runwatch: dropping metric points (the buffer or the spool is full); the count is reported "
+                        "on the run")
 
     def wake(self) -> None:
         loop, ev = self._loop, self._wake_async
@@ -165,6 +178,14 @@ class Emitter:
 
     def close_run(self, run_id: str) -> None:
         self._open_runs.pop(run_id, None)
+
+    def last_seq(self, run_id: str, topic: str) -> int:
+        """The seq of the last event of this run on `topic` handed to the sender (-1: none)."""
+        return self._seqs.get((run_id, topic), 0) - 1
+
+    @property
+    def spooling(self) -> bool:
+        return bool(getattr(self, "_spooling", False))
 
     # ------------------------------------------------------------------ lifecycle
     def ensure_started(self) -> None:
@@ -209,6 +230,7 @@ class Emitter:
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._wake_async = asyncio.Event()
+        self._send_wake = asyncio.Event()
         self._flush_requests: list[_Barrier] = []
         self._outbox: collections.deque = collections.deque()
         self._outbox_bytes = 0
@@ -216,6 +238,8 @@ class Emitter:
         self._producer = None
         self._next_connect = 0.0
         self._connect_failures = 0
+        self._next_confirm = 0.0
+        self._sending = False
         self._started.set()
         try:
             loop.run_until_complete(self._main())
@@ -227,6 +251,8 @@ class Emitter:
                 loop.run_until_complete(self._stop_producer())
             except Exception:
                 pass
+            if self._retention is not None:
+                self._retention.close()
             loop.close()
 
     def _request_flush(self, barrier: _Barrier) -> None:
@@ -234,6 +260,14 @@ class Emitter:
         self._wake_async.set()
 
     async def _main(self) -> None:
+        sender = asyncio.ensure_future(self._sender())
+        try:
+            await self._loop_forever()
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _loop_forever(self) -> None:
         last_heartbeat = 0.0
         interval = self.settings.flush_interval
         while True:
@@ -249,87 +283,92 @@ class Emitter:
                     for run_id, exp in list(self._open_runs.items()):
                         self.control.append((run_id, exp, Heartbeat(dropped=self.stats.dropped_by_run.get(run_id, 0))))
                 barriers, self._flush_requests = self._flush_requests, []
-                self._pack()
+                await self._pack()
                 for b in barriers:
                     self._enqueue(b)
-                await self._send()
+                self._send_wake.set()
+                if self._retention is not None and time.monotonic() >= self._next_confirm and len(self._retention):
+                    self._next_confirm = time.monotonic() + self.settings.confirm_interval
+                    await self._confirm()
             except Exception:
                 self.stats.background_errors += 1
                 log.exception("runwatch: error in the background flush (training is not affected)")
-            if self._closing and not self._outbox and not self._flush_requests:
-                if self._spooling and not self.offline and not self._final_drain_tried:
-                    # the process is ending with events on disk: one last try to send them now (the broker
-                    # may be back), instead of leaving them for `runwatch sync`; bounded by close()'s timeout
-                    self._final_drain_tried = True
-                    self._next_connect = 0.0
-                    try:
-                        await self._send()
-                    except Exception:
-                        log.warning("runwatch: the spool could not be sent at exit; `runwatch sync` sends it")
+            if self._closing and not self._outbox and not self._flush_requests and not self._sending:
+                await self._at_close()
                 return
 
-    # -- packing -------------------------------------------------------------------
-    def _take(self) -> tuple[list, list, list]:
-        swapped = (self.buf, self.sbuf, self.chunks)
-        self.buf, self.sbuf, self.chunks = [], [], []
-        self.chunk_points = 0
-        # A thread that loaded a list just before the swap appends to it a moment later: empty each
-        # swapped list of what it holds now (`del lst[:n]` is atomic under the GIL; a late append lands
-        # after it), and look at it for two more cycles for what came late. Emptied at once, a swapped
-        # list no longer keeps its points alive: memory stays within `buffer_max_points`.
-        late: list[list] = [[], [], []]
-        keep = []
-        for kind, lst, left in self._retired:
-            n = len(lst)
-            if n:
-                late[kind].extend(lst[:n])
-                del lst[:n]
-            if left > 0:
-                keep.append((kind, lst, left - 1))
-        taken = []
-        for kind, lst in enumerate(swapped):
-            n = len(lst)
-            taken.append(late[kind] + lst[:n] if late[kind] else lst[:n])
-            del lst[:n]
-            keep.append((kind, lst, 2))
-        self._retired = keep
-        return taken[0], taken[1], taken[2]
+    async def _at_close(self) -> None:
+        if self._spooling and not self.offline and not self._final_drain_tried:
+            # the process is ending with events on disk: one last try to send them now (the broker may be
+            # back), instead of leaving them for the worker or `runwatch sync`; bounded by close()'s timeout
+            self._final_drain_tried = True
+            self._next_connect = 0.0
+            try:
+                await self._send()
+            except Exception:
+                log.warning("runwatch: the spool could not be sent at exit; the stack sends it when it is up")
+        if self._retention is not None and len(self._retention):
+            # a moment for the store to confirm the last events; what it has not confirmed stays on disk as a
+            # spool, which the worker sends again (the stages drop what was stored)
+            deadline = time.monotonic() + self.settings.close_confirm_timeout
+            await self._confirm()
+            while len(self._retention) and self._api_answers and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                await self._confirm()
 
-    def _pack(self) -> None:
-        numeric, text, chunks = self._take()
-        while self.control:
-            run_id, exp, payload = self.control.popleft()
-            self._enqueue_event(run_id, exp, payload, "runs" if payload.kind not in ("logs",) else "logs")
-        if not numeric and not text and not chunks:
+    # -- packing -------------------------------------------------------------------
+    async def _pack(self) -> None:
+        control = self.control
+        while control:
+            run_id, exp, payload = control.popleft()
+            if isinstance(payload, (TagsSet, PropertiesSet)):
+                # one run's tags (or properties) set call after call travel as one event
+                field_name = "tags" if isinstance(payload, TagsSet) else "properties"
+                merged = None
+                while control and control[0][0] == run_id and type(control[0][2]) is type(payload):
+                    if merged is None:
+                        merged = dict(getattr(payload, field_name))
+                    nxt = getattr(control.popleft()[2], field_name)
+                    merged.update(nxt) if field_name == "tags" else merged.update(
+                        {k: v for k, v in nxt.items() if k not in merged})
+                if merged is not None:
+                    payload = type(payload)(**{field_name: merged})
+            topic = "logs" if payload.kind == "logs" else "runs"
+            self._enqueue_event(run_id, exp, payload, topic, retain=not isinstance(payload, Heartbeat))
+        chunks = self.buffer.take()
+        st = self.stats
+        st.compactions, st.compact_seconds = self.buffer.compactions, self.buffer.compact_seconds
+        if not chunks:
             return
-        n = len(numeric)
-        self.stats.points_logged += n + len(text) + sum(len(c[0]) for c in chunks)
-        if n:
-            flat = np.fromiter(itertools.chain.from_iterable(numeric), dtype=np.float64, count=4 * n).reshape(n, 4)
-            parts = [(flat[:, 0].astype(np.uint32), flat[:, 1].astype(np.int64), flat[:, 2], flat[:, 3])]
-        else:
-            parts = []
-        parts.extend(chunks)
-        if parts:
-            gidx = np.concatenate([p[0] for p in parts]).astype(np.uint32)
-            step = np.concatenate([p[1] for p in parts]).astype(np.int64)
-            ts = (np.concatenate([p[2] for p in parts]) * 1e6).astype(np.int64)
-            val = np.concatenate([p[3] for p in parts]).astype(np.float64)
-        else:
-            gidx = np.empty(0, np.uint32)
-            step = ts = np.empty(0, np.int64)
-            val = np.empty(0)
-        if text:
-            s_gidx = np.fromiter((p[0] for p in text), dtype=np.uint32, count=len(text))
-            s_step = np.fromiter((p[1] for p in text), dtype=np.int64, count=len(text))
-            s_ts = (np.fromiter((p[2] for p in text), dtype=np.float64, count=len(text)) * 1e6).astype(np.int64)
-            s_val = [p[3] for p in text]
-        else:
-            s_gidx = np.empty(0, np.uint32)
-            s_step = s_ts = np.empty(0, np.int64)
-            s_val = []
+        # a few chunks at a time, so that the sender (and the network) run between them
+        group: list[Columns] = []
+        size = 0
+        for c in chunks:
+            group.append(c)
+            size += len(c)
+            if size >= PACK_STEP:
+                self._pack_columns(group)
+                group, size = [], 0
+                await asyncio.sleep(0)
+        if group:
+            self._pack_columns(group)
+
+    def _pack_columns(self, chunks: list[Columns]) -> None:
+        nums = [c for c in chunks if c.texts is None]
+        texts = [c for c in chunks if c.texts is not None]
+        self.stats.points_logged += sum(len(c) for c in chunks)
+
+        def cat(parts, attr, dtype):
+            return np.concatenate([getattr(p, attr) for p in parts]).astype(dtype, copy=False) if parts else \
+                np.empty(0, dtype)
+
+        gidx, step, ts, val = (cat(nums, "gidx", np.uint32), cat(nums, "step", np.int64), cat(nums, "ts", np.int64),
+                               cat(nums, "value", np.float64))
+        s_gidx, s_step, s_ts = cat(texts, "gidx", np.uint32), cat(texts, "step", np.int64), cat(texts, "ts", np.int64)
+        s_val = [t for c in texts for t in c.texts]
         names = self.names
-        run_of = np.array(self._run_of, dtype=np.int32)
+        with self._name_lock:
+            run_of = np.array(self._run_of, dtype=np.int32)
         for _, sel, s_sel in _group(run_of[gidx], run_of[s_gidx] if len(s_gidx) else np.empty(0, np.int32)):
             run_id, exp, _ = names[int(gidx[sel][0] if len(sel) else s_gidx[s_sel][0])]
             g, sg = gidx[sel], s_gidx[s_sel]
@@ -347,15 +386,15 @@ class Emitter:
                     table, inv_n[lo:hi], st[lo:hi], tt[lo:hi], vv[lo:hi],
                     inv_s if first else None, s_st if first else None, s_tt if first else None,
                     s_vv if first else None)
-                self._enqueue_event(run_id, exp, batch, "metrics", points=min(hi, total) - lo + (len(s_vv) if first else 0))
+                self._enqueue_event(run_id, exp, batch, "metrics",
+                                    points=min(hi, total) - lo + (len(s_vv) if first else 0))
 
-    def _enqueue_event(self, run_id: str, experiment: str, payload: Any, topic: str, points: int = 0) -> None:
-        counter = self._seqs.get((run_id, topic))
-        if counter is None:
-            counter = self._seqs[(run_id, topic)] = itertools.count()
-        env: Envelope = make_envelope(run_id, experiment, payload, next(counter))
-        rec = Record(self.settings.topic(topic), run_id.encode(), encode(env), run_id, points)
-        self._enqueue(rec)
+    def _enqueue_event(self, run_id: str, experiment: str, payload: Any, topic: str, points: int = 0,
+                       retain: bool = True) -> None:
+        seq = self._seqs.get((run_id, topic), 0)
+        self._seqs[(run_id, topic)] = seq + 1
+        env = make_envelope(run_id, experiment, payload, seq)
+        self._enqueue(Record(self.settings.topic(topic), run_id.encode(), encode(env), run_id, points, seq, retain))
 
     def _enqueue(self, item: Record | _Barrier) -> None:
         if self._spooling or self.offline:
@@ -367,7 +406,7 @@ class Emitter:
         self._outbox.append(item)
         if isinstance(item, Record):
             self._outbox_bytes += len(item.value)
-            if self._outbox_bytes > 64 << 20:  # the broker is slow: move the backlog to disk
+            if self._outbox_bytes > self.settings.outbox_max_bytes:  # the broker is slow: the backlog to disk
                 self._start_spooling()
 
     # -- spooling ------------------------------------------------------------------
@@ -411,6 +450,21 @@ class Emitter:
             b.event.set()
 
     # -- sending -------------------------------------------------------------------
+    async def _sender(self) -> None:
+        """Sends what the packer puts in the outbox, while the packer goes on."""
+        while True:
+            await self._send_wake.wait()
+            self._send_wake.clear()
+            self._sending = True
+            try:
+                await self._send()
+            except Exception:
+                self.stats.background_errors += 1
+                log.exception("runwatch: error sending (training is not affected)")
+            finally:
+                self._sending = False
+                self._wake_async.set()  # the packer looks at what is left (and at closing)
+
     async def _send(self) -> None:
         if self.offline:
             return
@@ -431,10 +485,13 @@ class Emitter:
             self._held.clear()
             self._held_bytes = 0
         while self._outbox:
-            items = []
-            while self._outbox:
-                items.append(self._outbox.popleft())
-            self._outbox_bytes = 0
+            items, size = [], 0
+            while self._outbox and size < SEND_GROUP_BYTES:
+                item = self._outbox.popleft()
+                items.append(item)
+                if isinstance(item, Record):
+                    size += len(item.value)
+                    self._outbox_bytes -= len(item.value)
             records = [i for i in items if isinstance(i, Record)]
             failed = await self._send_records(records)
             if failed:
@@ -472,11 +529,22 @@ class Emitter:
                 self.stats.send_errors += 1
                 log.warning("runwatch: broker did not acknowledge an event (%s); spooling", res)
                 break
-        if failed_at is None:
-            self.stats.events_sent += n_sent
-            return records[n_sent:]
-        self.stats.events_sent += failed_at
-        return records[failed_at:]
+        acked = n_sent if failed_at is None else failed_at
+        self.stats.events_sent += acked
+        if self._retain and self._confirmable:
+            self._keep(records[:acked])
+        return records[acked:]
+
+    def _keep(self, records: list[Record]) -> None:
+        """Acknowledged by the embedded broker: kept on disk until the store confirms them."""
+        if self._retention is None:
+            self._retention = Retention(retention_dir(spool_dir_for(self.settings.home, this_source().key)),
+                                        self.settings.retain_max_bytes)
+        prefix = len(self.settings.topic_prefix)
+        for rec in records:
+            if rec.retain and rec.seq >= 0:
+                self._retention.add(rec, rec.topic[prefix:], rec.seq, self.incarnation)
+        self.stats.events_unconfirmed_released = self._retention.released_unconfirmed
 
     async def _drain_spool(self) -> bool:
         spool = self._get_spool()
@@ -491,6 +559,46 @@ class Emitter:
                 return False
             spool.consume(cursor)
 
+    # -- the embedded broker: what the store has, what must go again -----------------------
+    async def _confirm(self) -> None:
+        """Ask the read API what the store has of this process's events; let those go; send again what the
+        broker the store reads now never had (it restarted) or what the store missed long after it caught up."""
+        ret = self._retention
+        runs = ret.runs()
+        if not runs:
+            return
+        from runwatch.core.client import aget
+        from runwatch.core.errors import RunwatchError
+
+        try:
+            answer = await aget(self.settings, f"/api/sources/{this_source().key}/stored", run=runs)
+        except (RunwatchError, OSError):
+            self._api_answers = False
+            return  # the read API away for a moment: ask again later
+        self._api_answers = True
+        ret.confirm(answer.get("runs") or {})
+        self.stats.events_confirmed = ret.confirmed
+        theirs = answer.get("incarnation") or ""
+        if theirs and theirs != self.incarnation and self._producer is not None:
+            # the broker the store reads is not the one acknowledged by: the connection may have moved on
+            # to a restarted broker without a word (aiokafka reconnects by itself); ask it
+            try:
+                self.incarnation = await kafka.cluster_id(self.settings, self.settings.resolved_bootstrap() or "")
+            except Exception:
+                return
+        if theirs != self.incarnation:
+            return  # connected to another broker than the store's: sending there would not help
+        again = ret.stale(theirs, RESEND_AFTER if answer.get("caught_up") else None)
+        if again:
+            records = [rec for rec, _, _ in ret.take(again)]
+            self.stats.events_resent += len(records)
+            log.warning("runwatch: sending again %d event(s) the store does not have (the embedded broker restarted)",
+                        len(records))
+            for rec in reversed(records):  # before anything newer, in the order they were first sent
+                self._outbox.appendleft(rec)
+                self._outbox_bytes += len(rec.value)
+            self._send_wake.set()
+
     async def _connect(self) -> bool:
         now = time.monotonic()
         if now < self._next_connect:
@@ -502,19 +610,34 @@ class Emitter:
         producer = kafka.producer(self.settings, bootstrap, client_id=f"runwatch-sdk-{os.getpid()}")
         try:
             await asyncio.wait_for(producer.start(), self.settings.request_timeout_ms / 1000)
-            if not self._topics_ready:  # once per process, not on every reconnect
-                await kafka.ensure_topics(self.settings, bootstrap)
+            # every connection asks the broker who it is: a restarted embedded broker is a new lifetime, and a
+            # broker found through this home's stack record must be that stack's
+            if not self._topics_ready:
+                incarnation = await kafka.ensure_topics(self.settings, bootstrap)
                 self._topics_ready = True
+            else:
+                incarnation = await kafka.cluster_id(self.settings, bootstrap)
+            expected = None if self.settings.bootstrap_servers else self.settings.stack_record().get("stack_id")
+            if expected and incarnation != expected:
+                if not self._warned_identity:
+                    self._warned_identity = True
+                    log.warning("runwatch: the broker at %s belongs to another runwatch stack (%s), not to the one "
+                                "recorded under %s; events wait in the spool until that stack is up again",
+                                bootstrap, incarnation, self.settings.home)
+                raise ConnectionError("another stack's broker")
         except Exception as exc:
             try:
                 await producer.stop()
             except Exception:
                 pass
-            if self._connect_failures == 0:
+            if self._connect_failures == 0 and not self._warned_identity:
                 log.warning("runwatch: no broker at %s (%s); events go to the spool until it answers", bootstrap, exc)
             self._backoff()
             return False
         self._producer = producer
+        self.incarnation = incarnation
+        # kept until confirmed only where a read API can confirm them (the embedded stack's worker)
+        self._confirmable = bool(self.settings.resolved_api_url())
         self._connect_failures = 0
         self.connected = True
         return True

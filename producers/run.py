@@ -7,7 +7,6 @@ import io
 import itertools
 import json
 import logging
-import numbers
 import os
 import re
 import time
@@ -35,58 +34,15 @@ from runwatch.core.names import SCRIPT_RUN, new_run_id
 from runwatch.core.settings import Settings
 from runwatch.core.states import TERMINAL
 
+from . import values as V
+from .buffer import columns
 from .emitter import Emitter, get_emitter, on_fork
+from .values import MetricError, MetricTypeError
 
 log = logging.getLogger("runwatch")
 _time = time.time
-_FLOAT, _INT, _BOOL, _STR = DType.float, DType.int, DType.bool, DType.str
+_FLOAT, _STR = DType.float, DType.str
 _EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
-MAX_TEXT_VALUE = 65_536
-
-
-class MetricError(RunwatchError, ValueError):
-    """A value, name or shape that cannot be logged; raised at the call that passed it."""
-
-
-class MetricTypeError(RunwatchError, TypeError):
-    """A value of a type that cannot be logged; raised at the call that passed it."""
-
-
-# ------------------------------------------------------------------------- validation
-def _coerce(value: Any, call: str, arg: str = "value") -> tuple[DType, Any]:
-    t = type(value)
-    if t is float:
-        return _FLOAT, value
-    if t is int:
-        return _INT, float(value)
-    if t is bool:
-        return _BOOL, float(value)
-    if t is str:
-        if len(value) > MAX_TEXT_VALUE:
-            raise MetricError(f"{call}: {arg} is a string of {len(value)} characters; at most {MAX_TEXT_VALUE}")
-        return _STR, value
-    if isinstance(value, np.generic):
-        if isinstance(value, np.bool_):
-            return _BOOL, float(value)
-        if isinstance(value, np.integer):
-            return _INT, float(value)
-        if isinstance(value, np.floating):
-            return _FLOAT, float(value)
-        if isinstance(value, np.str_):
-            return _STR, str(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        return _FLOAT, float(value)
-    if value is None:
-        raise MetricTypeError(f"{call}: {arg} is None; log a number, a bool or a string")
-    raise MetricTypeError(
-        f"{call}: {arg} must be a number, a bool or a string, not {type(value).__name__}"
-        + (" (use log_list for a sequence)" if isinstance(value, (list, tuple, np.ndarray)) else ""))
-
-
-def _check_step(step: Any, call: str) -> int:
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-        raise MetricTypeError(f"{call}: step must be an integer, not {type(step).__name__}")
-    return int(step)
 
 
 class Run:
@@ -126,8 +82,12 @@ class Run:
         rid = run_id or new_run_id(experiment.name)
         run = cls(experiment, rid, outputs, display_name=display_name, parent_id=parent.id if parent else None,
                   run_type=run_type, status=status.value, _offline=offline, _fetch=False)
-        props = _check_str_map(properties or {}, "properties")
-        tag_map = _check_tags(tags or {})
+        limits = V.Limits(experiment.workspace.settings)
+        props = limits.properties(properties or {})
+        tag_map = limits.tags(tags or {})
+        if display_name is not None:
+            V.check_name(display_name, "display_name", limits.name, "display_name")
+        limits.check_run(tag_map, props, "start")
         run._properties.update(props)
         run._tags.update(tag_map)
         run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
@@ -162,11 +122,18 @@ class Run:
 
     def _reset_caches(self) -> None:
         self._em: Emitter = get_emitter(self._settings, offline=self._offline)
+        self._buffer = self._em.buffer
+        self._batch_max = self._buffer.batch_max
         self._fast: dict[str, tuple[int, Any]] = {}
         self._entries: dict[tuple, int] = {}
         self._counters: dict[tuple[str, str], Any] = getattr(self, "_counters", {})
         self._kind_of: dict[str, MetricKind] = getattr(self, "_kind_of", {})
         self._row_columns: dict[str, tuple[str, ...]] = getattr(self, "_row_columns", {})
+
+    @property
+    def emitter(self) -> Emitter:
+        """This process's background sender for the run: `.stats` counts what was sent, spooled, dropped."""
+        return self._em
 
     # -- metrics: the hot path ------------------------------------------------------------
     def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
@@ -174,85 +141,83 @@ class Run:
         if step is None and type(value) is float:
             e = self._fast.get(name)
             if e is not None:
-                em = self._em
-                buf = em.buf
-                buf.append((e[0], next(e[1]), _time(), value))
-                if len(buf) >= em.batch_max:
-                    em.full()
+                num = self._buffer.num
+                num.append((e[0], next(e[1]), _time(), value))
+                if len(num) >= self._batch_max:
+                    self._em.full()
                 return
         self._log_slow(name, value, step)
 
     def _log_slow(self, name: str, value: Any, step: Any) -> None:
-        dtype, v = _coerce(value, "run.log")
+        dtype, v = V.coerce(value, "run.log")
         self._claim(name, MetricKind.scalar, "run.log")
+        s = V.check_step(step, "run.log") if step is not None else None
         counter = self._counter(name, MetricKind.scalar)
-        s = next(counter) if step is None else _check_step(step, "run.log")
+        if s is None:
+            s = next(counter)
         gidx = self._entry(name, MetricKind.scalar, "", dtype)
-        em = self._em
+        buf = self._buffer
         if dtype is _STR:
-            em.sbuf.append((gidx, s, _time(), v))
+            wake = buf.add_text((gidx, s, _time(), v))
         else:
-            em.buf.append((gidx, s, _time(), v))
+            wake = buf.add_number((gidx, s, _time(), v))
             if dtype is _FLOAT:
                 self._fast[name] = (gidx, counter)
-        if len(em.buf) >= em.batch_max:
-            em.full()
+        if wake:
+            self._em.full()
         else:
-            em.ensure_started()
+            self._em.ensure_started()
 
     def log_list(self, name: str, value: Iterable[Any], description: str = "") -> None:
         """Log a whole list of values (any iterable) as one series; step = index."""
         self._claim(name, MetricKind.list, "run.log_list")
-        values = _materialise(value, "run.log_list")
+        values = V.materialise(value, "run.log_list")
+        prepared = self._column(name, MetricKind.list, "", values, "run.log_list")
         start = _reserve_steps(self._counter(name, MetricKind.list), len(values))
-        self._append_column(name, MetricKind.list, "", values, "run.log_list", start)
+        self._append_column(prepared, start)
 
     def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
         """Log one row of the table `name`; repeated calls add rows (columns may not change)."""
         if not kwargs:
             raise MetricError("run.log_row: give the row's columns as keyword arguments, e.g. log_row(name, x=1, y=2)")
         cols = tuple(kwargs)
-        coerced = [(col, *_coerce(v, "run.log_row", f"column {col!r}")) for col, v in kwargs.items()]
+        coerced = [(col, *V.coerce(v, "run.log_row", f"column {col!r}")) for col, v in kwargs.items()]
         known = self._row_columns.get(name)
         if known is not None and set(known) != set(cols):
-            raise MetricError(f"run.log_row: table {name!r} has columns {sorted(known)}; this row has {sorted(cols)}")
+            raise MetricError(f"run.log_row: table {name!r} has columns {list(known)}; this row has {list(cols)}")
         self._claim(name, MetricKind.row, "run.log_row")
+        for col in cols:
+            V.check_name(col, "run.log_row", self._settings.max_name_length, "column name")
         self._row_columns.setdefault(name, cols)
         step = next(self._counter(name, MetricKind.row))
         t = _time()
-        em = self._em
+        buf = self._buffer
+        wake = False
         for col, dtype, v in coerced:
             gidx = self._entry(name, MetricKind.row, col, dtype)
-            (em.sbuf if dtype is _STR else em.buf).append((gidx, step, t, v))
-        em.ensure_started()
+            wake |= buf.add_text((gidx, step, t, v)) if dtype is _STR else buf.add_number((gidx, step, t, v))
+        self._em.full() if wake else self._em.ensure_started()
 
     def log_table(self, name: str, value: Mapping[str, Iterable[Any]], description: str = "") -> None:
-        """Log a whole table: a dict of equally long columns."""
-        if not isinstance(value, Mapping) or not value:
-            raise MetricTypeError("run.log_table: value must be a non-empty dict of column name -> list of values")
-        columns = {str(k): _materialise(v, "run.log_table", f"column {k!r}") for k, v in value.items()}
-        lengths = {k: len(v) for k, v in columns.items()}
-        if len(set(lengths.values())) > 1:
-            raise MetricError(f"run.log_table: columns of {name!r} differ in length: {lengths}")
+        """Log a whole table: a dict of equally long columns. Logged again under the same name, the rows are
+        added (the columns may not change)."""
+        cols = V.table_columns(value, "run.log_table", self._settings.max_name_length)
+        known = self._row_columns.get(name)
+        if known is not None and set(known) != set(cols):
+            raise MetricError(f"run.log_table: table {name!r} has columns {list(known)}; these are {list(cols)}")
         self._claim(name, MetricKind.table, "run.log_table")
-        counter = self._counter(name, MetricKind.table)
-        start = _reserve_steps(counter, next(iter(lengths.values())))
-        for col, vals in columns.items():
-            self._append_column(name, MetricKind.table, col, vals, "run.log_table", start)
+        prepared = [self._column(name, MetricKind.table, col, vals, "run.log_table") for col, vals in cols.items()]
+        self._row_columns.setdefault(name, tuple(cols))
+        start = _reserve_steps(self._counter(name, MetricKind.table), len(next(iter(cols.values()))))
+        for p in prepared:
+            self._append_column(p, start)
 
     # -- metrics: helpers -------------------------------------------------------------------
     def _claim(self, name: str, kind: MetricKind, call: str) -> None:
         known = self._kind_of.get(name)
         if known is kind:
             return
-        if not isinstance(name, str):
-            raise MetricTypeError(f"{call}: name must be a string, not {type(name).__name__}")
-        if not name or not name.strip():
-            raise MetricError(f"{call}: name is empty")
-        if len(name) > self._settings.max_name_length:
-            raise MetricError(f"{call}: name is {len(name)} characters long; at most {self._settings.max_name_length}")
-        if "\x00" in name:
-            raise MetricError(f"{call}: name contains a NUL character")
+        V.check_name(name, call, self._settings.max_name_length)
         if known is not None:
             raise MetricError(f"{call}: {name!r} was logged as a {known.value} metric; a name keeps its kind")
         if len(self._kind_of) >= self._settings.max_metric_names:
@@ -277,34 +242,43 @@ class Run:
             self._entries[key] = gidx
         return gidx
 
-    def _append_column(self, name: str, kind: MetricKind, column: str, values: list | np.ndarray, call: str,
-                       start: int) -> None:
-        n = len(values)
-        if n == 0:
-            return
-        em = self._em
+    def _column(self, name: str, kind: MetricKind, column: str, values: list | np.ndarray, call: str) -> tuple:
+        """One column of values checked (every item, before anything is logged): (name, kind, column, numeric
+        array or None, [(dtype, value)] or None)."""
+        if isinstance(values, np.ndarray):
+            arr = V.numeric_array(values, call, column or "value")
+            if arr is not None:
+                return name, kind, column, arr, None
+        items = [V.coerce(v, call, f"{column + ' ' if column else ''}item {i}") for i, v in enumerate(values)]
+        return name, kind, column, None, items
+
+    def _append_column(self, prepared: tuple, start: int) -> None:
+        name, kind, column, arr, items = prepared
         t = _time()
-        steps = np.arange(start, start + n, dtype=np.int64)
-        if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
-            dtype = {"b": _BOOL, "i": _INT, "u": _INT, "f": _FLOAT}[values.dtype.kind]
+        buf = self._buffer
+        wake = False
+        if arr is not None:
+            dtype, vals = arr
+            n = len(vals)
+            if not n:
+                return
             gidx = self._entry(name, kind, column, dtype)
-            em.add_chunk((np.full(n, gidx, np.uint32), steps, np.full(n, t), values.astype(np.float64)))
+            wake = buf.add_columns(columns(np.full(n, gidx, np.uint32), np.arange(start, start + n, dtype=np.int64), t,
+                                           vals))
         else:
-            coerced = [_coerce(v, call, f"{column + ' ' if column else ''}item {i}") for i, v in enumerate(values)]
             nums_idx, nums_step, nums_val = [], [], []
-            for i, (dtype, v) in enumerate(coerced):
+            for i, (dtype, v) in enumerate(items):
                 gidx = self._entry(name, kind, column, dtype)
                 if dtype is _STR:
-                    em.sbuf.append((gidx, int(steps[i]), t, v))
+                    wake |= buf.add_text((gidx, start + i, t, v))
                 else:
                     nums_idx.append(gidx)
-                    nums_step.append(int(steps[i]))
+                    nums_step.append(start + i)
                     nums_val.append(v)
             if nums_idx:
-                k = len(nums_idx)
-                em.add_chunk((np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), np.full(k, t),
-                              np.array(nums_val, np.float64)))
-        em.ensure_started()
+                wake |= buf.add_columns(columns(np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), t,
+                                                np.array(nums_val, np.float64)))
+        self._em.added(wake)
 
     # -- tags, properties, lifecycle ---------------------------------------------------------
     def tag(self, key: str, value: Any = None) -> None:
@@ -312,19 +286,30 @@ class Run:
         self.set_tags({key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        clean = _check_tags(tags)
-        self._tags.update(clean)
-        self._emit(TagsSet(tags=clean))
+        """Set several tags at once; only what changes travels (one event for all of them)."""
+        limits = V.Limits(self._settings)
+        clean = limits.tags(tags, "set_tags")
+        changed = {k: v for k, v in clean.items() if k not in self._tags or self._tags[k] != v}
+        if not changed:
+            return
+        limits.check_run({**self._tags, **changed}, self._properties, "set_tags")
+        self._tags.update(changed)
+        self._emit(TagsSet(tags=changed))
 
     def add_properties(self, properties: Mapping[str, Any]) -> None:
         """Add properties; they are immutable: a property already set cannot change."""
-        clean = _check_str_map(properties, "properties")
+        limits = V.Limits(self._settings)
+        clean = limits.properties(properties, "add_properties")
         for k, v in clean.items():
             if k in self._properties and self._properties[k] != v:
                 raise MetricError(
                     f"add_properties: property {k!r} is already {self._properties[k]!r}; properties are immutable")
-        self._properties.update(clean)
-        self._emit(PropertiesSet(properties=clean))
+        new = {k: v for k, v in clean.items() if k not in self._properties}
+        if not new:
+            return
+        limits.check_run(self._tags, {**self._properties, **new}, "add_properties")
+        self._properties.update(new)
+        self._emit(PropertiesSet(properties=new))
 
     def child_run(self, name: str | None = None, run_id: str | None = None, outputs: Any = None) -> "Run":
         """Start a child run (any depth). Use it in a `with` block to complete or fail it."""
@@ -440,8 +425,7 @@ class Run:
             return
         self._emit(ev.model_copy(update={"origin": "image"}))
         gidx = self._entry(name, MetricKind.image, "", _STR)
-        self._em.sbuf.append((gidx, n, _time(), ev.name))
-        self._em.ensure_started()
+        self._em.added(self._buffer.add_text((gidx, n, _time(), ev.name)))
 
     def download_file(self, name: str, output_file_path: str | os.PathLike | None = None,
                       _validate_checksum: bool = False) -> str:
@@ -597,9 +581,9 @@ class Experiment:
         if type:
             params["run_type"] = type
         if tags is not None:
-            params["tag"] = _filter_param(tags)
+            params["tag"] = V.filter_param(tags)
         if properties is not None:
-            params["property"] = _filter_param(properties)
+            params["property"] = V.filter_param(properties)
         rows = self.workspace.read_api().get("/api/runs", **params)
         return [self._run_from_row(r) for r in rows]
 
@@ -707,53 +691,6 @@ def _reserve_steps(counter, n: int) -> int:
     for _ in range(n - 1):
         next(counter)
     return start
-
-
-def _materialise(value: Any, call: str, arg: str = "value") -> list | np.ndarray:
-    if isinstance(value, np.ndarray):
-        if value.ndim != 1:
-            raise MetricError(f"{call}: {arg} must be one-dimensional, not of shape {value.shape}")
-        return value
-    if isinstance(value, (str, bytes)) or value is None or not isinstance(value, Iterable):
-        raise MetricTypeError(f"{call}: {arg} must be an iterable of values, not {type(value).__name__}")
-    return list(value)
-
-
-def _check_tags(tags: Mapping[str, Any]) -> dict[str, str | None]:
-    if not isinstance(tags, Mapping):
-        raise MetricTypeError(f"tags must be a dict, not {type(tags).__name__}")
-    out: dict[str, str | None] = {}
-    for k, v in tags.items():
-        if not isinstance(k, str) or not k:
-            raise MetricError(f"tag name must be a non-empty string, not {k!r}")
-        if v is None or isinstance(v, str):
-            out[k] = v
-        elif isinstance(v, (int, float, bool, np.generic)):
-            out[k] = str(v)
-        else:
-            raise MetricTypeError(f"tag {k!r}: value must be a string or None, not {type(v).__name__}")
-    return out
-
-
-def _check_str_map(values: Mapping[str, Any], what: str) -> dict[str, str]:
-    if not isinstance(values, Mapping):
-        raise MetricTypeError(f"{what} must be a dict, not {type(values).__name__}")
-    out = {}
-    for k, v in values.items():
-        if not isinstance(k, str) or not k:
-            raise MetricError(f"{what}: name must be a non-empty string, not {k!r}")
-        if v is None or isinstance(v, (list, dict, tuple, set)):
-            raise MetricTypeError(f"{what}: {k!r} must be a string, not {type(v).__name__}")
-        out[k] = str(v)
-    return out
-
-
-def _filter_param(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [f"{k}={v}" if v is not None else str(k) for k, v in value.items()]
-    return [str(v) for v in value]
 
 
 __all__ = ["Workspace", "Experiment", "Run", "MetricError", "MetricTypeError"]

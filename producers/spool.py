@@ -26,9 +26,14 @@ class Record:
     value: bytes
     run_id: str
     points: int
+    #: the event's seq in its run and topic (-1: not known, in spools written before it was kept)
+    seq: int = -1
+    #: kept by the embedded stack's producers until the store has it (not heartbeats: the next one replaces it)
+    retain: bool = True
 
     def pack(self) -> bytes:
-        body = msgpack.packb([self.topic, self.key, self.value, self.run_id, self.points], use_bin_type=True)
+        body = msgpack.packb([self.topic, self.key, self.value, self.run_id, self.points, self.seq, self.retain],
+                             use_bin_type=True)
         return _LEN.pack(len(body)) + body
 
 
@@ -155,8 +160,7 @@ class Spool:
                     body = fh.read(n)
                     if len(body) < n:  # a torn write at a crash: the rest of this segment is unusable
                         break
-                    t, k, v, r, p = msgpack.unpackb(body, raw=False)
-                    out.append(Record(t, k, v, r, p))
+                    out.append(Record(*msgpack.unpackb(body, raw=False)[:7]))
                     pos += 4 + n
             if len(out) >= max_records or seg >= self._write_seg:
                 break

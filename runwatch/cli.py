@@ -83,12 +83,24 @@ def up(home: Optional[Path] = HomeOpt) -> None:
 
 
 @app.command()
-def down(home: Optional[Path] = HomeOpt) -> None:
-    """Stop the embedded stack."""
+def down(home: Optional[Path] = HomeOpt,
+         force: bool = typer.Option(False, "--force", help="Do not wait for the worker: save what it has not stored."),
+         timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the worker to store everything.")
+         ) -> None:
+    """Stop the embedded stack, once the worker has stored what the broker holds (or it is saved to disk)."""
+    from .stack import StackError
     from .stack import down as stack_down
 
-    stopped = stack_down(_settings(home))
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    try:
+        with console.status("stopping runwatch") as st:
+            result = stack_down(_settings(home), force=force, timeout=timeout, progress=lambda s: st.update(s))
+    except StackError as exc:
+        _fail(str(exc))
+    if result.saved_to:
+        console.print(f"the worker had not stored {result.unstored_events:,} event(s) ({result.unstored_points:,} "
+                      f"points): saved to {result.saved_to}; the next `runwatch up` sends them", highlight=False)
+    console.print(f"stopped: {', '.join(result.stopped)} in {result.seconds:.1f} s" if result.stopped
+                  else "nothing was running", highlight=False)
 
 
 @app.command()
@@ -141,7 +153,7 @@ def sync(home: Optional[Path] = HomeOpt) -> None:
 
     settings = _settings(home)
     try:
-        result = sync_spools(settings, progress=lambda s: console.print(s, highlight=False))
+        result = sync_spools(settings)
     except RunwatchError as exc:
         _fail(str(exc), 3)
     console.print(f"sent {result['events']} events from {result['spools']} spool(s); "

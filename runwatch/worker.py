@@ -35,6 +35,7 @@ def run(settings: Settings) -> None:
     from runwatch.processors.app import Processors
     from runwatch.sinks.schema import migrate
     from runwatch.sinks.sink import Sink
+    from runwatch.sinks.state import StoredState
     from runwatch.sinks.store import ClickHouseStore
 
     from .api.server import ReadApi
@@ -53,8 +54,9 @@ def run(settings: Settings) -> None:
     writer_client = clickhouse_client(settings)
     version = migrate(writer_client)
     reader_client = clickhouse_client(settings)
-    procs = Processors(settings, bootstrap)
-    sink = Sink(settings, ClickHouseStore(writer_client, settings, lookup=reader_client), bootstrap)
+    store = ClickHouseStore(writer_client, settings, lookup=reader_client)
+    procs = Processors(settings, bootstrap, StoredState(store))
+    sink = Sink(settings, store, bootstrap)
     live = (LiveTail(settings, bootstrap, sink.stored_offset, sink.metrics_partitions)
             if settings.live_max_runs > 0 else None)
     started = time.time()
@@ -62,11 +64,14 @@ def run(settings: Settings) -> None:
     def health() -> dict[str, Any]:
         return {
             "ready": procs.ready and sink.ready,
+            "stack_id": settings.stack_id,
+            "home": str(settings.home),
             "pid": os.getpid(),
             "uptime_s": round(time.time() - started, 3),
             "schema_version": version,
             "processors": {"ready": procs.ready, "events": procs.events, "dead_letters": procs.dead_letters,
-                           "errors": procs.errors, "liveness_checks": procs.liveness_checks},
+                           "errors": procs.errors, "liveness_checks": procs.liveness_checks,
+                           "states_reloaded": procs.reloaded},
             "webhook": ({"url": settings.alert_webhook_url, "delivered": procs.webhook.delivered,
                          "failed": procs.webhook.failed} if procs.webhook else None),
             "sink": {"ready": sink.ready, "error": sink.error, "batches": sink.stats.batches,
@@ -74,22 +79,28 @@ def run(settings: Settings) -> None:
                      "dead_letters": sink.stats.dead_letters, "data_errors": sink.stats.data_errors,
                      "lag": dict(sink.stats.lag),
                      "aggregates_checked": sink.checks.checked, "aggregates_repaired": sink.checks.repaired,
-                     "retries": sink.stats.insert_retries},
+                     "retries": sink.stats.insert_retries, "incarnation": sink.incarnation},
+            "spools": {"sent_spools": orphans["spools"], "sent_events": orphans["events"],
+                       "error": orphans["error"]},
             "live": live.health() if live is not None else None,
             "broker": bootstrap,
         }
 
+    orphans: dict[str, Any] = {"spools": 0, "events": 0, "error": None}
     api = ReadApi(Queries(reader_client), health, settings, FileStore(settings.files_root() / "runs"),
-                  FileStore(settings.files_root() / "snapshots"), live)
+                  FileStore(settings.files_root() / "snapshots"), live, sink=sink)
     state_file = settings.home / "worker.json"
 
     @procs.app.task
     async def start_services() -> None:
-        port = await api.start(settings.api_host, settings.api_port)
-        write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}"})
+        port = await api.start(settings.api_host, settings.api_port, fallback=bool(settings.api_port_fallback))
+        write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}",
+                                       "stack_id": settings.stack_id})
         asyncio.ensure_future(sink.run_forever())
         if live is not None:
             asyncio.ensure_future(live.run_forever())
+        if settings.orphan_spool_interval > 0:
+            asyncio.ensure_future(_send_orphan_spools(settings, orphans, lambda: sink.ready))
         _quiet_gc()
 
     try:
@@ -99,6 +110,28 @@ def run(settings: Settings) -> None:
             state_file.unlink()
         except FileNotFoundError:
             pass
+
+
+async def _send_orphan_spools(settings: Settings, counts: dict[str, Any], ready) -> None:
+    """Send the spools that processes of this home left behind (they ended while the broker was away, or ran
+    offline, or `runwatch down` saved what was not stored), as `runwatch sync` does, without being asked."""
+    from runwatch.producers.sync import sync_spools
+
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(settings.orphan_spool_interval)
+        if not ready():
+            continue
+        try:
+            result = await loop.run_in_executor(None, lambda: sync_spools(settings))
+            counts["spools"] += result["spools"]
+            counts["events"] += result["events"]
+            counts["error"] = None
+            if result["spools"]:
+                log.warning("runwatch worker: sent %d event(s) from %d spool(s) left behind",
+                            result["events"], result["spools"])
+        except Exception as exc:  # the broker away for a moment: the spools wait for the next look
+            counts["error"] = f"{type(exc).__name__}: {exc}"
 
 
 def _run_processors_only(settings: Settings, bootstrap: str) -> None:

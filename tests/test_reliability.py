@@ -58,7 +58,7 @@ note(steps)
 deadline = time.time() + float(os.environ.get("TRAINER_LINGER", "0"))
 while time.time() < deadline:   # stay alive (heartbeats, spool drain) while the fault lasts
     time.sleep(0.2)
-print("emitter:", run._em.stats, "connected:", run._em.connected, flush=True)
+print("emitter:", run.emitter.stats, "connected:", run.emitter.connected, flush=True)
 """
 
 

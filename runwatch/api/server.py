@@ -15,6 +15,7 @@ from aiohttp import web
 
 from runwatch.api.filestore import FileError, FileStore
 from runwatch.api.queries import Queries, counts
+from runwatch.core.names import STACK_HEADER
 from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.api")
@@ -34,10 +35,12 @@ def _bool(value: str | None) -> bool:
 
 class ReadApi:
     def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], settings: Settings,
-                 files: FileStore, snapshots: FileStore, live=None):
+                 files: FileStore, snapshots: FileStore, live=None, sink=None):
         self.queries = queries
         #: the worker's live tail (runwatch/api/live.py): `live.pending(run_ids)`; None reads what is stored only
         self.live = live
+        #: the worker's sink, when it runs in this process: it tells producers what of theirs is stored
+        self.sink = sink
         self.health_fn = health
         self.settings = settings
         self.token = settings.api_token
@@ -45,6 +48,7 @@ class ReadApi:
         self.snapshots = snapshots
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runwatch-api")
         self.app = web.Application(middlewares=[self._errors])
+        self.app.on_response_prepare.append(self._identity)
         r = self.app.router
         r.add_get("/api/health", self.health)
         r.add_get("/api/experiments", self.experiments)
@@ -60,6 +64,7 @@ class ReadApi:
         r.add_get("/api/runs/{run_id}/logs", self.logs)
         r.add_get("/api/runs/{run_id}/snapshot", self.snapshot_get)
         r.add_put("/api/runs/{run_id}/snapshot", self.snapshot_put)
+        r.add_get("/api/sources/{src}/stored", self.source_stored)
         r.add_get("/api/alerts", self.alerts)
         r.add_get("/api/compute", self.compute)
         r.add_get("/api/compute/{name}", self.compute_one)
@@ -89,12 +94,23 @@ class ReadApi:
     def _json(self, value: Any, status: int = 200) -> web.Response:
         return web.json_response(value, status=status, dumps=_dumps)
 
-    async def start(self, host: str, port: int) -> int:
+    async def _identity(self, request: web.Request, response: web.StreamResponse) -> None:
+        # every answer names the stack it comes from: a client of another home's stack says so (core/client.py)
+        if self.settings.stack_id:
+            response.headers[STACK_HEADER] = self.settings.stack_id
+
+    async def start(self, host: str, port: int, fallback: bool = False) -> int:
+        """Listen on `port` (with `fallback`, on any free port when it is taken); return the port listened on."""
         self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp exposes no bound port
+        try:
+            await web.TCPSite(self.runner, host, port).start()
+        except OSError:
+            if not fallback:
+                raise
+            log.warning("read API: port %d is taken; listening on another one", port)
+            await web.TCPSite(self.runner, host, 0).start()
+        return int(self.runner.addresses[-1][1])
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -241,6 +257,15 @@ class ReadApi:
         meta = await store.write(run_id, name, body(), sha256=request.headers.get("X-Content-SHA256"),
                                  max_bytes=max_bytes, content_type=request.headers.get("Content-Type"))
         return self._json(meta, status=201)
+
+    async def source_stored(self, request: web.Request) -> web.Response:
+        """What of one source's events the sink has stored, per run and topic (the producers of the embedded
+        stack keep what they sent until it is: producers/emitter.py)."""
+        if self.sink is None:
+            raise LookupError("this read API runs without the sink: it cannot tell what is stored")
+        src, runs = request.match_info["src"], request.query.getall("run", [])
+        stored = await self._q(self.sink.stored, src, runs)
+        return self._json({"incarnation": self.sink.incarnation, "caught_up": self.sink.caught_up(), "runs": stored})
 
     async def alerts(self, request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "100"))

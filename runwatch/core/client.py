@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import ApiError, NotFound, StackNotRunning
+from .errors import ApiError, NotFound, StackMismatch, StackNotRunning
+from .names import STACK_HEADER
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -38,9 +39,14 @@ class ApiClient:
         import httpx
 
         try:
-            return self._http().request(method, path, **kwargs)
+            resp = self._http().request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise StackNotRunning(self._base) from exc
+        self._check_identity(resp)
+        return resp
+
+    def _check_identity(self, resp: httpx.Response) -> None:
+        check_identity(self.settings, resp, self._base)
 
     def get(self, path: str, **params: Any) -> Any:
         return _result(self._request("GET", path, params=_clean(params)))
@@ -70,6 +76,7 @@ class ApiClient:
         digest = hashlib.sha256()
         try:
             with self._http().stream("GET", path, timeout=None) as resp:
+                self._check_identity(resp)
                 if resp.status_code >= 400:
                     resp.read()
                     _result(resp)
@@ -95,6 +102,39 @@ class ApiClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def check_identity(settings: Settings, resp: httpx.Response, base: str | None) -> None:
+    """A read API found through this home's stack record must be that stack's: after a crash, another stack
+    may have taken its port, and its answers are not this home's."""
+    if settings.api_url:
+        return  # an address given on purpose: no record to check it against
+    expected = settings.stack_record().get("stack_id")
+    got = resp.headers.get(STACK_HEADER)
+    if expected and got != expected:
+        raise StackMismatch(
+            f"runwatch: the read API at {base} belongs to another runwatch stack "
+            f"({got or 'one without an identity'}), not to the one recorded under {settings.home} "
+            f"({expected}), which is no longer running. Start it again with `runwatch up`.")
+
+
+async def aget(settings: Settings, path: str, timeout: float = 5.0, **params: Any) -> Any:
+    """One GET on the read API from an asyncio loop (the emitter's), with the same checks as ApiClient.get."""
+    import httpx
+
+    base = settings.resolved_api_url()
+    if not base:
+        raise StackNotRunning(None)
+    headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=timeout, headers=headers) as client:
+            resp = await client.get(path, params=_clean(params))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise StackNotRunning(base) from exc
+    except httpx.HTTPError as exc:
+        raise ApiError(f"read API: {type(exc).__name__}: {exc}") from exc
+    check_identity(settings, resp, base)
+    return _result(resp)
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from .errors import FileError
 
 #: The run type of a submitted run: its launcher owns its lifecycle (Azure ML's name).
 SCRIPT_RUN = "azureml.scriptrun"
+#: The HTTP header in which a read API names its stack (the embedded stack's id).
+STACK_HEADER = "X-Runwatch-Stack"
 #: Properties under this prefix are runwatch's own (shown with `--all`, hidden by default).
 INTERNAL_PREFIX = "_runwatch."
 

@@ -46,15 +46,34 @@ class Settings:
     flush_interval: float = 0.2
     #: Points in the hot buffer that wake the background thread early.
     batch_max_points: int = 50_000
-    #: Points the hot buffer may hold before log() drops (counted, warned once).
-    #: The bound on the SDK's memory: about 400 bytes a point at the peak (the buffer being filled and the one
-    #: being sent), so 1 M points is ~480 MB for a process logging faster than its thread can send.
-    buffer_max_points: int = 1_000_000
+    #: Hot points (about 128 bytes each as Python tuples) past which the logging thread turns them into numpy
+    #: columns itself (28 bytes a number): the background thread is behind (producers/buffer.py).
+    buffer_max_points: int = 200_000
+    #: Bytes the buffer may hold in all, hot points and columns: past them points are dropped (counted). The
+    #: background thread keeps it far below, moving what it cannot send yet to the outbox and the spool.
+    buffer_max_bytes: int = 96 << 20
+    #: Encoded events waiting for the broker, in memory; past this every event goes to the spool on disk
+    #: (in order) until the spool is sent.
+    outbox_max_bytes: int = 64 << 20
+    #: On the embedded broker (which keeps everything in memory), bytes of sent events kept on disk until the
+    #: read API says they are stored, to send again after the broker restarts; 0: none kept.
+    retain_max_bytes: int = 1 << 30
+    #: Seconds between a producer's questions to the read API about what of it is stored (embedded broker).
+    confirm_interval: float = 1.0
+    #: Seconds a process that ends waits for the store to confirm its last events (embedded broker); what is
+    #: not confirmed stays on disk as a spool, which the worker sends again.
+    close_confirm_timeout: float = 2.0
     #: Bytes the on-disk spool may hold before events are dropped (counted, reported).
     spool_max_bytes: int = 1 << 30
     heartbeat_interval: float = 5.0
     max_metric_names: int = 1000
     max_name_length: int = 255
+    #: Tags and properties (docs/limits.md): a name's and a value's length in characters, how many a run has
+    #: of each, and all of a run's names and values together in characters (its state travels as one message).
+    max_tag_name_length: int = 256
+    max_tag_value_length: int = 32_768
+    max_tags: int = 1000
+    max_tags_bytes: int = 262_144
     #: Kafka compression. zstd: aiokafka compresses lz4 at level 9, which cost 185 ns a point (the largest
     #: item in a trainer's profile); zstd at its level 3 costs 25 ns and makes batches 4x smaller
     #: (1.4 vs 5.3 bytes a point, docs/performance.md).
@@ -93,7 +112,17 @@ class Settings:
     sink_mode: str = "auto"
     api_host: str = "127.0.0.1"
     api_port: int = 8765
+    #: 1: when api_port is taken, the worker takes any free port and records it (the embedded stack); 0: it fails.
+    api_port_fallback: int = 0
+    #: The identity of an embedded stack (set by `runwatch up`): its broker's cluster id, returned by its read
+    #: API on every answer, so that no client takes another stack for its own.
+    stack_id: str | None = None
+    #: Seconds between the worker's looks for spools that ended processes left behind (it sends them; 0: never).
+    orphan_spool_interval: float = 5.0
     broker_port: int = 19092
+    #: The largest message the processors write (a run's state with its tags and properties, a batch's
+    #: aggregates); an event that would lead to a larger one is refused, to the dlq with the reason.
+    processor_max_message_bytes: int = 4 << 20
     sink_max_wait: float = 0.1
     sink_max_batch_events: int = 2000
     #: Event bytes (decompressed) per sink insert: a fetch is written in chunks of this size, each with its
