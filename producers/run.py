@@ -497,7 +497,7 @@ class Run:
         return self._status
 
     def get_details(self) -> dict[str, Any]:
-        d = self._api().get(f"/api/runs/{self.id}")
+        d = self._api().get(f"/api/runs/{self.id}", gaps="true")
         self._apply_details(d)
         return {
             "runId": d["run_id"], "experiment": d["experiment"], "status": d["status"],
@@ -506,6 +506,8 @@ class Run:
             "durationSeconds": d.get("duration_s"), "properties": d.get("properties", {}),
             "tags": d.get("tags", {}), "error": d.get("error"), "target": d.get("compute_target"),
             "runType": d.get("run_type"), "droppedPoints": d.get("dropped_points", 0),
+            # events this run's processes numbered that never reached the store (docs/reliability.md)
+            "missingEvents": sum((d.get("missing_events") or {}).values()),
         }
 
     def get_tags(self) -> dict[str, str | None]:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from .core.client import ApiClient
-from .core.errors import NotFound, RunwatchError, StackNotRunning
+from .core.errors import NotFound, RunwatchError, StackMismatch, StackNotRunning
 from .core.names import SCRIPT_RUN
 from .core.settings import Settings
 from .core.states import TERMINAL
@@ -45,14 +45,14 @@ def _print_json(value: Any) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _call(fn):
     try:
         return fn()
-    except StackNotRunning as exc:
+    except (StackNotRunning, StackMismatch) as exc:
         _fail(str(exc), 3)
     except NotFound as exc:
         _fail(str(exc), 4)

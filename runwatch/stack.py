@@ -335,9 +335,12 @@ def save_unstored(settings: Settings, record: dict[str, Any]) -> tuple[int, int,
             ends = await c.end_offsets(tps)
             for tp in tps:
                 c.seek(tp, 0 if tp.topic == settings.topic("runs") else committed[tp])
-            while any((await c.position(tp)) < ends[tp] for tp in tps):
-                for tp, msgs in (await c.getmany(timeout_ms=500)).items():
+            left = {tp for tp in tps if ends[tp] > (0 if tp.topic == settings.topic("runs") else committed[tp])}
+            while left:
+                for tp, msgs in (await c.getmany(*left, timeout_ms=500)).items():
                     out += [(tp.topic, m.key, m.value) for m in msgs if m.offset < ends[tp]]
+                    if msgs and msgs[-1].offset >= ends[tp] - 1:
+                        left.discard(tp)
         finally:
             await c.stop()
         return out
@@ -386,18 +389,18 @@ def down(settings: Settings, force: bool = False, timeout: float = 120.0,
     with _locked(settings.home):
         record = settings.stack_record()
         broker_ok, worker_ok = _ours(record, settings) if record else (False, False)
-        if broker_ok:
-            if worker_ok and not force:
-                result.drained = drain(settings, record["bootstrap_servers"], timeout, progress)
-            else:
-                result.drained = False
-            if not result.drained:
-                progress("saving what the worker did not store")
-                result.unstored_events, result.unstored_points, saved = save_unstored(settings, record)
-                result.saved_to = str(saved) if saved else None
-                result.drained = saved is None
+        if broker_ok and worker_ok and not force:
+            result.drained = drain(settings, record["bootstrap_servers"], timeout, progress)
+        else:
+            result.drained = not broker_ok
+        # the worker goes first: what it stores and commits while it stops is then known to the broker
         if _stop_pid(record.get("worker_pid")):
             result.stopped.append("worker")
+        if not result.drained:
+            progress("saving what the worker did not store")
+            result.unstored_events, result.unstored_points, saved = save_unstored(settings, record)
+            result.saved_to = str(saved) if saved else None
+            result.drained = saved is None
         if _stop_pid(record.get("broker_pid"), timeout=5):
             result.stopped.append("broker")
         settings.stack_file.unlink(missing_ok=True)

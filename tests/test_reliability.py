@@ -24,12 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from conftest import ROOT, Worker, _unique, unique_name, wait_until
+from figures import Figures
 from kafka_cluster import KafkaCluster, cluster as make_cluster
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.kafka
-OUTPUT = ROOT / "test-output"
-ROWS: list[dict] = []
 
 TRAINER = r"""
 import json, os, sys, time
@@ -62,26 +61,18 @@ print("emitter:", run.emitter.stats, "connected:", run.emitter.connected, flush=
 """
 
 
+FIGURES = Figures("reliability", "tests/test_reliability.py")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def report():
     yield
-    if not ROWS:
-        return
-    OUTPUT.mkdir(exist_ok=True)
-    (OUTPUT / "reliability.json").write_text(json.dumps(ROWS, indent=2))
-    lines = ["| fault or input | sent | stored | missing | duplicates | recovery s | note | rerun |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in ROWS:
-        lines.append(f"| {r['what']} | {r.get('sent', '')} | {r.get('stored', '')} | {r.get('missing', '')} | "
-                     f"{r.get('duplicates', '')} | {r.get('recovery_s', '')} | {r.get('note', '')} | "
-                     f"`./dev test tests/test_reliability.py -k {r['test']}` |")
-    (OUTPUT / "reliability.md").write_text("\n".join(lines) + "\n")
+    FIGURES.write()
 
 
 def record(_label: str, what: str, **figures) -> None:
     """One row of docs/reliability.md; the rerun command names the test that measured it."""
-    test = os.environ.get("PYTEST_CURRENT_TEST", _label).split("::")[-1].split(" ")[0].split("[")[0]
-    ROWS.append({"test": test, "what": what, **figures})
+    FIGURES.record(what, **figures)
 
 
 # ------------------------------------------------------------------------------ infrastructure
@@ -479,7 +470,7 @@ def malformed_envelopes(draw):
     elif how == "retype":
         env[key] = draw(wire_values.filter(lambda v: type(v) is not type(env[key])))
     elif how == "version":
-        env["v"] = draw(st.integers().filter(lambda v: v != 1))
+        env["v"] = draw(st.integers(-2**63, 2**64 - 1).filter(lambda v: v != 1))  # what msgpack can carry
     elif how == "kind":
         env["p"] = dict(env["p"], kind=draw(st.text(max_size=12).filter(lambda k: k != "metrics")))
     else:

@@ -173,6 +173,18 @@ class Queries:
                           run_id=run_id)
         return run_row(rows[0]) if rows else None
 
+    def missing_events(self, run_id: str) -> dict[str, int]:
+        """Events of the run's sources that never arrived, by topic: every source numbers its events per run and
+        topic from 0, so below the highest stored number, what is not stored is missing (a gap that no
+        producer filled: it ended, or dropped it)."""
+        out = {}
+        for kind, table, col in (("metrics", "metric_points", "seq"), ("logs", "log_lines", "eseq")):
+            rows = self._rows(f"""SELECT sum(toInt64(hi) + 1 - toInt64(n)) FROM (SELECT max({col}) AS hi,
+                                  uniqExact({col}) AS n FROM {DB}.{table} WHERE run_id = {{run_id:String}} GROUP BY src)""",
+                              run_id=run_id)
+            out[kind] = int(rows[0][0] or 0) if rows else 0
+        return out
+
     def run_exists(self, run_id: str) -> bool:
         """Whether the run is stored at all: one row of any version, without FINAL (what a 404 needs)."""
         return bool(self._rows(f"SELECT 1 FROM {DB}.runs WHERE run_id = {{run_id:String}} LIMIT 1", run_id=run_id))

@@ -160,7 +160,10 @@ class ReadApi:
             raise LookupError(f"no run {run_id!r}")
 
     async def run(self, request: web.Request) -> web.Response:
-        return self._json(await self._get_run(request.match_info["run_id"]))
+        run = await self._get_run(request.match_info["run_id"])
+        if _bool(request.query.get("gaps")):
+            run["missing_events"] = await self._q(self.queries.missing_events, run["run_id"])
+        return self._json(run)
 
     async def metrics(self, request: web.Request) -> web.Response:
         run_id, recursive = request.match_info["run_id"], _bool(request.query.get("recursive"))

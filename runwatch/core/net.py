@@ -18,6 +18,8 @@ def free_port(preferred: int | None = None) -> int:
     caller that must own it checks afterwards that what listens there is what it started."""
     if preferred:
         with contextlib.closing(socket.socket()) as s:
+            # a port that only lingers from a process that ended (TIME_WAIT) is free for a server
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", preferred))
                 return preferred

@@ -44,6 +44,11 @@ class SeqSet:
             self.extra.discard(self.hi)
         return True
 
+    @property
+    def holes(self) -> int:
+        """Sequence numbers below the highest taken that were never taken (yet)."""
+        return (max(self.extra) - self.hi - len(self.extra)) if self.extra else 0
+
     def to_wire(self) -> list[Any]:
         return [self.hi, sorted(self.extra)] if self.extra else [self.hi]
 
@@ -85,6 +90,9 @@ class Seen:
 
     def __contains__(self, key: Any) -> bool:
         return key in self.sets
+
+    def holes(self) -> int:
+        return sum(s.holes for s in self.sets.values())
 
     def to_wire(self) -> dict[str, Any]:
         return {str(k): s.to_wire() for k, s in self.sets.items()}
