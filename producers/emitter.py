@@ -27,8 +27,16 @@ from typing import Any
 import numpy as np
 
 from runwatch.core import kafka
-from runwatch.core.events import (Heartbeat, MetricBatch, MetricName, PropertiesSet, TagsSet, encode, make_envelope,
-                                  this_source)
+from runwatch.core.events import (
+    Heartbeat,
+    MetricBatch,
+    MetricName,
+    PropertiesSet,
+    TagsSet,
+    encode,
+    make_envelope,
+    this_source,
+)
 from runwatch.core.settings import Settings
 
 from .buffer import Buffer, Columns
@@ -45,6 +53,10 @@ MAX_POINTS_PER_MESSAGE = 100_000
 PACK_STEP = 500_000
 #: Bytes sent before their acknowledgements are awaited.
 SEND_GROUP_BYTES = 16 << 20
+#: The header in which a read names this process's last writes it must see (runwatch/api/server.py).
+AFTER_HEADER = "X-Runwatch-After"
+#: Seconds without an acknowledgement after which the broker's identity is asked again before sending.
+IDLE_RECHECK = 2.0
 #: Seconds after which an event the store has not confirmed, though it caught up, is sent again (the
 #: processors may skip an event after a crash: DESIGN.md, Faust).
 RESEND_AFTER = 20.0
@@ -99,6 +111,8 @@ class Emitter:
         self._open_runs: dict[str, str] = {}  # run_id -> experiment, for heartbeats
         #: (run_id, topic) -> the next seq
         self._seqs: dict[tuple[str, str], int] = {}
+        #: run_id -> the seq of its last `runs` event that changes its record (not a heartbeat)
+        self._state_seqs: dict[str, int] = {}
         self._woken_for: list | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,6 +197,21 @@ class Emitter:
         """The seq of the last event of this run on `topic` handed to the sender (-1: none)."""
         return self._seqs.get((run_id, topic), 0) - 1
 
+    def metrics_token(self, run_ids: list[str]) -> dict[str, str]:
+        """Headers that make the read API answer once every metric point this process logged so far for these
+        runs is stored (read-your-writes: producers/local.py). Empty when it logged none."""
+        import json
+
+        if not any(self.last_seq(r, "metrics") >= 0 for r in run_ids) and not self.buffer.points:
+            return {}
+        self.flush(10)  # what is buffered is numbered and sent first
+        wanted = {r: s for r in run_ids if (s := self.last_seq(r, "metrics")) >= 0}
+        return {AFTER_HEADER: json.dumps({"src": this_source().key, "metrics": wanted})} if wanted else {}
+
+    def last_state_seq(self, run_id: str) -> int:
+        """The seq of the last event that changes the run's record (status, tags, properties...; -1: none)."""
+        return self._state_seqs.get(run_id, -1)
+
     @property
     def spooling(self) -> bool:
         return bool(getattr(self, "_spooling", False))
@@ -240,6 +269,9 @@ class Emitter:
         self._connect_failures = 0
         self._next_confirm = 0.0
         self._sending = False
+        #: events to send again before anything else (the embedded broker restarted: it never had them)
+        self._resend: collections.deque[Record] = collections.deque()
+        self._last_ack = time.monotonic()
         self._started.set()
         try:
             loop.run_until_complete(self._main())
@@ -393,6 +425,8 @@ class Emitter:
                        retain: bool = True) -> None:
         seq = self._seqs.get((run_id, topic), 0)
         self._seqs[(run_id, topic)] = seq + 1
+        if topic == "runs" and retain:
+            self._state_seqs[run_id] = seq
         env = make_envelope(run_id, experiment, payload, seq)
         self._enqueue(Record(self.settings.topic(topic), run_id.encode(), encode(env), run_id, points, seq, retain))
 
@@ -472,6 +506,17 @@ class Emitter:
             if self._outbox:
                 self._start_spooling()
             return
+        if self._retention is not None and time.monotonic() - self._last_ack > IDLE_RECHECK:
+            # idle for a while: the broker may have restarted meanwhile, and the connection moved on to the new
+            # one without a word (aiokafka reconnects by itself); what it lost goes first
+            await self._recheck_incarnation()
+        if self._resend:
+            again = list(self._resend)
+            failed = await self._send_records(again)
+            self._resend = collections.deque(failed)
+            if failed:
+                await self._disconnect()
+                return
         if self._spooling:
             if not await self._drain_spool():
                 return
@@ -531,6 +576,8 @@ class Emitter:
                 break
         acked = n_sent if failed_at is None else failed_at
         self.stats.events_sent += acked
+        if acked:
+            self._last_ack = time.monotonic()
         if self._retain and self._confirmable:
             self._keep(records[:acked])
         return records[acked:]
@@ -588,16 +635,28 @@ class Emitter:
                 return
         if theirs != self.incarnation:
             return  # connected to another broker than the store's: sending there would not help
-        again = ret.stale(theirs, RESEND_AFTER if answer.get("caught_up") else None)
-        if again:
-            records = [rec for rec, _, _ in ret.take(again)]
-            self.stats.events_resent += len(records)
-            log.warning("runwatch: sending again %d event(s) the store does not have (the embedded broker restarted)",
-                        len(records))
-            for rec in reversed(records):  # before anything newer, in the order they were first sent
-                self._outbox.appendleft(rec)
-                self._outbox_bytes += len(rec.value)
-            self._send_wake.set()
+        self._requeue(ret.stale(theirs, RESEND_AFTER if answer.get("caught_up") else None))
+
+    def _requeue(self, ids: list[int]) -> None:
+        """Retained events to send again, before anything else, in the order they were first sent."""
+        if not ids:
+            return
+        records = [rec for rec, _, _ in self._retention.take(ids)]
+        self.stats.events_resent += len(records)
+        log.warning("runwatch: sending again %d event(s) the store does not have (the embedded broker restarted, "
+                    "or the store missed them)", len(records))
+        self._resend.extend(records)
+        self._send_wake.set()
+
+    async def _recheck_incarnation(self) -> None:
+        self._last_ack = time.monotonic()
+        try:
+            now = await kafka.cluster_id(self.settings, self.settings.resolved_bootstrap() or "")
+        except Exception:
+            return
+        if now and now != self.incarnation:
+            self.incarnation = now
+            self._requeue(self._retention.stale(now))
 
     async def _connect(self) -> bool:
         now = time.monotonic()
@@ -636,6 +695,9 @@ class Emitter:
             return False
         self._producer = producer
         self.incarnation = incarnation
+        self._last_ack = time.monotonic()
+        if self._retention is not None:
+            self._requeue(self._retention.stale(incarnation))  # a new broker lifetime: what the last one lost first
         # kept until confirmed only where a read API can confirm them (the embedded stack's worker)
         self._confirmable = bool(self.settings.resolved_api_url())
         self._connect_failures = 0

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from runwatch.core.client import ApiClient
+from runwatch.core.client import ApiClient, run_path
 from runwatch.core.errors import FileError
 from runwatch.core.events import FileStored
 from runwatch.core.names import safe_name
@@ -91,7 +91,17 @@ def _check_size(call: str, name: str, size: int, max_bytes: int) -> None:
 
 
 def _url(run_id: str, name: str) -> str:
-    return f"/api/runs/{run_id}/files/{name}"
+    return run_path(run_id, "files", name)
+
+
+def target_in(directory: str | os.PathLike, name: str) -> Path:
+    """Where a run file named `name` goes under `directory`; FileError if that is outside it (a name from an
+    older store, or a link inside the directory that leads out): no download ever writes elsewhere."""
+    root = Path(directory).resolve()
+    target = (root / name).resolve()
+    if not target.is_relative_to(root):
+        raise FileError(f"the run file {name!r} would be written outside {str(root)!r}; it was not downloaded")
+    return target
 
 
 def fetch(api: ApiClient, url: str, target: str | os.PathLike | None, default_name: str) -> tuple[Path, int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runwatch.core.client import ApiClient
+from runwatch.core.client import ApiClient, run_path
 from runwatch.core.errors import RunwatchError
 from runwatch.core.events import PropertiesSet, StatusChanged
 from runwatch.core.names import (
@@ -137,7 +137,7 @@ class Launcher:
         while True:
             await asyncio.sleep(1.0)
             try:
-                status = (await asyncio.to_thread(self.api.get, f"/api/runs/{self.run_id}"))["status"]
+                status = (await asyncio.to_thread(self.api.get, run_path(self.run_id)))["status"]
             except Exception:
                 continue  # the read API away for a moment: the run goes on
             if status in (S.CancelRequested.value, S.Canceled.value, S.Failed.value) and status != self.status.value:
@@ -413,7 +413,7 @@ class Launcher:
         path = Path(self.spec["snapshot"])
         try:
             with open(path, "rb") as fh:
-                self.api.upload(f"/api/runs/{self.run_id}/snapshot", fh, size=path.stat().st_size,
+                self.api.upload(run_path(self.run_id, "snapshot"), fh, size=path.stat().st_size,
                                 content_type="application/zip")
             return f"Snapshot stored ({path.stat().st_size} bytes): run.restore_snapshot() gets it back"
         except Exception as exc:  # the run does not need the stored copy to go on

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from runwatch.core import names
-from runwatch.core.client import ApiClient
-from runwatch.core.errors import FileError, RunwatchError
+from runwatch.core.client import ApiClient, run_path
+from runwatch.core.errors import FileError, NotFound, RunwatchError
 from runwatch.core.events import (
     DType,
     Heartbeat,
@@ -29,11 +29,13 @@ from runwatch.core.events import (
     RunStatus,
     StatusChanged,
     TagsSet,
+    this_source,
 )
 from runwatch.core.names import SCRIPT_RUN, new_run_id
 from runwatch.core.settings import Settings
 from runwatch.core.states import TERMINAL
 
+from . import local
 from . import values as V
 from .buffer import columns
 from .emitter import Emitter, get_emitter, on_fork
@@ -87,12 +89,15 @@ class Run:
         tag_map = limits.tags(tags or {})
         if display_name is not None:
             V.check_name(display_name, "display_name", limits.name, "display_name")
-        limits.check_run(tag_map, props, "start")
+        limits.check_run(len(tag_map), len(props), V.Limits.size(tag_map, props), "start")
         run._properties.update(props)
         run._tags.update(tag_map)
+        created = time.time()
+        local.remember(local.Written(rid, experiment.name, run.parent_id, run_type, compute_target, display_name,
+                                     created, status.value, created, dict(tag_map), set(), dict(props)))
         run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
                              compute_target=compute_target, status=status, properties=props, tags=tag_map,
-                             created_ts=time.time()))
+                             created_ts=created))
         if status not in TERMINAL and heartbeats:
             run._em.open_run(run.id, experiment.name)
         return run
@@ -100,7 +105,7 @@ class Run:
     @classmethod
     def get(cls, workspace: "Workspace", run_id: str) -> "Run":
         """Reopen a run by id alone (its experiment is looked up)."""
-        details = workspace.read_api().get(f"/api/runs/{run_id}")
+        details = _read_record(workspace, run_id)
         run = cls(Experiment(workspace, details["experiment"]), run_id, _fetch=False)
         run._apply_details(details)
         return run
@@ -292,8 +297,14 @@ class Run:
         changed = {k: v for k, v in clean.items() if k not in self._tags or self._tags[k] != v}
         if not changed:
             return
-        limits.check_run({**self._tags, **changed}, self._properties, "set_tags")
+        size = self._state_chars() + V.Limits.delta(self._tags, changed)
+        limits.check_run(len(self._tags) + sum(k not in self._tags for k in changed), len(self._properties), size,
+                         "set_tags")
         self._tags.update(changed)
+        self._chars = size
+        w = self._written()
+        w.tags.update(changed)
+        w.removed_tags -= set(changed)
         self._emit(TagsSet(tags=changed))
 
     def add_properties(self, properties: Mapping[str, Any]) -> None:
@@ -307,8 +318,11 @@ class Run:
         new = {k: v for k, v in clean.items() if k not in self._properties}
         if not new:
             return
-        limits.check_run(self._tags, {**self._properties, **new}, "add_properties")
+        size = self._state_chars() + V.Limits.delta(self._properties, new)
+        limits.check_run(len(self._tags), len(self._properties) + len(new), size, "add_properties")
         self._properties.update(new)
+        self._chars = size
+        self._written().properties.update(new)
         self._emit(PropertiesSet(properties=new))
 
     def child_run(self, name: str | None = None, run_id: str | None = None, outputs: Any = None) -> "Run":
@@ -437,21 +451,38 @@ class Run:
     def download_files(self, prefix: str | None = None, output_directory: str | os.PathLike | None = None,
                        output_paths: Any = None, batch_size: int = 100, append_prefix: bool = True) -> list[str]:
         """Write every file of the run whose name starts with `prefix` under `output_directory`."""
-        from .files import download
+        from .files import download, target_in
 
         out = Path(output_directory) if output_directory is not None else Path.cwd()
         names = [n for n in self.get_file_names() if prefix is None or n.startswith(prefix)]
         written = []
         for n in names:
             rel = n if append_prefix or not prefix else n[len(prefix):].lstrip("/")
-            target = out / rel
+            target = target_in(out, rel)
             download(self._api(), self.id, n, target)
             written.append(str(target))
         return written
 
     def _set_status(self, status: RunStatus, error: dict | None = None) -> None:
         self._status = status.value
+        w = self._written()
+        w.status, w.status_ts = status.value, time.time()
         self._emit(StatusChanged(status=status, error=error))
+
+    def _state_chars(self) -> int:
+        """Characters of the run's tags and properties (kept as they change: 10,000 tag calls must not cost
+        10,000 sums over a growing set)."""
+        if getattr(self, "_chars", None) is None:
+            self._chars = V.Limits.size(self._tags, self._properties)
+        return self._chars
+
+    def _written(self) -> local.Written:
+        """What this process wrote of the run (read-your-writes, producers/local.py)."""
+        w = local.written(self.id)
+        if w is None:  # a run reopened here (Run.get, get_context): it was not created by this process
+            w = local.remember(local.Written(self.id, self.experiment.name, self.parent_id, self.run_type or "",
+                                             "local", None, time.time(), created_here=False))
+        return w
 
     def _emit(self, payload: Any) -> None:
         self._em.send_control(self.id, self.experiment.name, payload)
@@ -477,8 +508,16 @@ class Run:
         return self.experiment.workspace.read_api()
 
     def _load_details(self) -> None:
-        details = self._api().get(f"/api/runs/{self.id}")
-        self._apply_details(details)
+        self._apply_details(self._record())
+
+    def _record(self, **params: Any) -> dict[str, Any]:
+        """The run's record from the read API, with this process's writes laid over it until it has them."""
+        return _read_record(self.experiment.workspace, self.id, self._em, **params)
+
+    def fetch_state(self) -> dict[str, Any]:
+        """The run's record as the read API gives it (snake_case keys), showing every write this process made
+        before the call (docs/architecture.md, "Read-your-writes")."""
+        return self._record()
 
     def _apply_details(self, d: Mapping[str, Any]) -> None:
         self.display_name = d.get("display_name") or self.display_name
@@ -487,9 +526,10 @@ class Run:
         self._status = d.get("status") or self._status
         self._properties = dict(d.get("properties") or {})
         self._tags = dict(d.get("tags") or {})
+        self._chars = None
 
     def get_status(self) -> str:
-        self._status = self._api().get(f"/api/runs/{self.id}")["status"]
+        self._status = self._record()["status"]
         return self._status
 
     @property
@@ -497,7 +537,7 @@ class Run:
         return self._status
 
     def get_details(self) -> dict[str, Any]:
-        d = self._api().get(f"/api/runs/{self.id}", gaps="true")
+        d = self._record(gaps="true")
         self._apply_details(d)
         return {
             "runId": d["run_id"], "experiment": d["experiment"], "status": d["status"],
@@ -511,19 +551,25 @@ class Run:
         }
 
     def get_tags(self) -> dict[str, str | None]:
-        return dict(self._api().get(f"/api/runs/{self.id}")["tags"])
+        return dict(self._record()["tags"])
 
     def get_properties(self) -> dict[str, str]:
-        return dict(self._api().get(f"/api/runs/{self.id}")["properties"])
+        return dict(self._record()["properties"])
 
     def get_metrics(self, name: str | None = None, recursive: bool = False, run_type: str | None = None,
                     populate: bool = False) -> dict[str, Any]:
-        """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds children by id."""
-        return self._api().get(f"/api/runs/{self.id}/metrics", name=name, recursive=str(bool(recursive)).lower())
+        """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds children by id.
+        Every point this process logged before the call is in it (the read API waits for them, bounded)."""
+        runs = [self.id] + ([w.run_id for w in _descendants(self.id)] if recursive else [])
+        return self._api().get(run_path(self.id, "metrics"), name=name, recursive=str(bool(recursive)).lower(),
+                               headers=self._em.metrics_token(runs))
 
     def get_children(self, recursive: bool = False) -> list["Run"]:
-        rows = self._api().get(f"/api/runs/{self.id}/children", recursive=str(bool(recursive)).lower())
-        return [self.experiment._run_from_row(r) for r in rows]
+        self._em.flush(10)
+        rows = self._api().get(run_path(self.id, "children"), recursive=str(bool(recursive)).lower())
+        kids = _with_local(rows, [w for w in (_descendants(self.id) if recursive else local.local_rows(parent=self.id))],
+                           self._em)
+        return [self.experiment._run_from_row(r) for r in sorted(kids, key=lambda r: r.get("created_time") or "")]
 
     def get_portal_url(self) -> str:
         """The run's page: Grafana's Run dashboard when `grafana_url` is set, else the read API's page."""
@@ -543,19 +589,19 @@ class Run:
         """get_details() plus "logFiles": the content of each of the run's log files."""
         details = self.get_details()
         api = self._api()
-        details["logFiles"] = {f["name"]: api.text(f"/api/runs/{self.id}/files/{f['name']}")
-                               for f in api.get(f"/api/runs/{self.id}/files") if f["kind"] == "log"}
+        details["logFiles"] = {f["name"]: api.text(run_path(self.id, "files", f['name']))
+                               for f in api.get(run_path(self.id, "files")) if f["kind"] == "log"}
         return details
 
     def get_file_names(self) -> list[str]:
         """Every file of the run: its log files and the files stored for it."""
-        return [f["name"] for f in self._api().get(f"/api/runs/{self.id}/files")]
+        return [f["name"] for f in self._api().get(run_path(self.id, "files"))]
 
     def restore_snapshot(self, snapshot_id: str | None = None, path: str | os.PathLike | None = None) -> str:
         """Write the snapshot of a submitted run's source directory as a zip; return its path."""
         from .files import fetch
 
-        return str(fetch(self._api(), f"/api/runs/{self.id}/snapshot", path, f"{self.id}-snapshot.zip")[0])
+        return str(fetch(self._api(), run_path(self.id, "snapshot"), path, f"{self.id}-snapshot.zip")[0])
 
     def __repr__(self) -> str:
         return (f"Run(Experiment: {self.experiment.name},\nId: {self.id},\nType: {self.run_type},\n"
@@ -586,7 +632,24 @@ class Experiment:
             params["tag"] = V.filter_param(tags)
         if properties is not None:
             params["property"] = V.filter_param(properties)
+        em = get_emitter(self.workspace.settings)
+        mine = local.local_rows(experiment=self.name)
+        if mine:
+            em.flush(10)
         rows = self.workspace.read_api().get("/api/runs", **params)
+        if mine:  # this process's runs as they are now, whether the store has caught up or not
+            api = self.workspace.read_api()
+            stored = {r["run_id"]: r for r in api.get("/api/runs", run_id=[w.run_id for w in mine],
+                                                      include_children="true", limit=len(mine))}
+            ids = {w.run_id for w in mine}
+            rows = [r for r in rows if r["run_id"] not in ids]
+            tag_f = params.get("tag")
+            prop_f = params.get("property")
+            for w in mine:
+                row = local.overlay(stored.get(w.run_id), w, this_source().key, em.last_state_seq(w.run_id))
+                if row is not None and local.matches(row, tag_f, prop_f, type, include_children):
+                    rows.append(row)
+            rows.sort(key=lambda r: r.get("created_time") or "", reverse=True)
         return [self._run_from_row(r) for r in rows]
 
     def _run_from_row(self, row: Mapping[str, Any]) -> Run:
@@ -685,6 +748,41 @@ def _find_config() -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def _read_record(workspace: "Workspace", run_id: str, em: Emitter | None = None, **params: Any) -> dict[str, Any]:
+    """A run's record from the read API, with this process's writes laid over it until the store has them."""
+    w = local.written(run_id)
+    em = em or get_emitter(workspace.settings)
+    if w is not None:
+        em.flush(10)  # this process's writes are numbered (and on their way) before the read
+    try:
+        row = workspace.read_api().get(run_path(run_id), **params)
+    except NotFound:
+        row = None
+    merged = local.overlay(row, w, this_source().key, em.last_state_seq(run_id))
+    if merged is None:
+        raise NotFound(f"no run {run_id!r}")
+    return merged
+
+
+def _descendants(run_id: str) -> list[local.Written]:
+    out, frontier = [], [run_id]
+    while frontier:
+        kids = [w for p in frontier for w in local.local_rows(parent=p)]
+        out += kids
+        frontier = [w.run_id for w in kids]
+    return out
+
+
+def _with_local(rows: list[dict[str, Any]], mine: list[local.Written], em: Emitter) -> list[dict[str, Any]]:
+    """Stored rows, with this process's runs among them as it wrote them (and those not stored yet added)."""
+    by_id = {r["run_id"]: r for r in rows}
+    for w in mine:
+        row = local.overlay(by_id.get(w.run_id), w, this_source().key, em.last_state_seq(w.run_id))
+        if row is not None:
+            by_id[w.run_id] = row
+    return list(by_id.values())
 
 
 def _reserve_steps(counter, n: int) -> int:

@@ -194,15 +194,23 @@ class Limits:
             out[k] = self._text(v, call, f"property {k!r:.60}")
         return out
 
-    def check_run(self, tags: Mapping[str, str | None], properties: Mapping[str, str], call: str) -> None:
-        """A run's tags and properties together, once a change is applied."""
-        n = len(tags)
-        if n > self.count:
-            raise MetricError(f"{call}: the run would have {n:,} tags; at most {self.count:,} (setting max_tags)")
-        if len(properties) > self.count:
-            raise MetricError(f"{call}: the run would have {len(properties):,} properties; at most {self.count:,} "
+    @staticmethod
+    def size(tags: Mapping[str, str | None], properties: Mapping[str, str]) -> int:
+        return sum(len(k) + len(v or "") for k, v in tags.items()) + sum(len(k) + len(v) for k, v in properties.items())
+
+    @staticmethod
+    def delta(current: Mapping[str, str | None], changed: Mapping[str, str | None]) -> int:
+        """How many characters `changed` adds to a map (`current`) of names and values."""
+        return sum(len(k) + len(v or "") - (len(k) + len(current[k] or "") if k in current else 0)
+                   for k, v in changed.items())
+
+    def check_run(self, n_tags: int, n_properties: int, size: int, call: str) -> None:
+        """A run's tags and properties together, once a change is applied: how many, and their characters."""
+        if n_tags > self.count:
+            raise MetricError(f"{call}: the run would have {n_tags:,} tags; at most {self.count:,} (setting max_tags)")
+        if n_properties > self.count:
+            raise MetricError(f"{call}: the run would have {n_properties:,} properties; at most {self.count:,} "
                               "(setting max_tags)")
-        size = sum(len(k) + len(v or "") for k, v in tags.items()) + sum(len(k) + len(v) for k, v in properties.items())
         if size > self.total:
             raise MetricError(f"{call}: the run's tags and properties would be {size:,} characters in all; at most "
                               f"{self.total:,} (setting max_tags_bytes)")

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from runwatch.core.client import run_path
 from runwatch.core.errors import NotFound, RunwatchError
 from runwatch.core.names import (
     DRIVER_LOG_PREFIX,
@@ -48,17 +49,17 @@ class OutputFollower:
         if self.fixed is not None:
             return len(self.fixed) > 1
         if self.processes is None and files:
-            count = str((self.api.get(f"/api/runs/{self.run_id}").get("properties") or {}).get(PROCESSES_PROPERTY, ""))
+            count = str((self.api.get(run_path(self.run_id)).get("properties") or {}).get(PROCESSES_PROPERTY, ""))
             self.processes = int(count) if count.isdigit() else 1  # not a submitted run (or a property set by hand)
         return (self.processes or 1) > 1 or len(files) > 1 or len(self.cursor) > 1
 
     def poll(self) -> int:
-        files = self.fixed or driver_files(self.api.get(f"/api/runs/{self.run_id}/files"))
+        files = self.fixed or driver_files(self.api.get(run_path(self.run_id, "files")))
         several = self._several(files)
         n = 0
         for f in files:
             while True:
-                page = self.api.get(f"/api/runs/{self.run_id}/logs", file=f, after_seq=self.cursor.get(f, -1),
+                page = self.api.get(run_path(self.run_id, "logs"), file=f, after_seq=self.cursor.get(f, -1),
                                     limit=5000)
                 lines = page["lines"]
                 if not lines:

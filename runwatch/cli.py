@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from .core.client import ApiClient
+from .core.client import ApiClient, run_path
 from .core.errors import NotFound, RunwatchError, StackMismatch, StackNotRunning
 from .core.names import SCRIPT_RUN
 from .core.settings import Settings
@@ -218,9 +218,9 @@ def _num(x: Any) -> str:
 def runs_show(run_id: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
     """One run's details: status, times, tags, properties, error, children."""
     client = _client(home)
-    run = _call(lambda: client.get(f"/api/runs/{run_id}"))
-    run["children"] = _call(lambda: client.get(f"/api/runs/{run_id}/children"))
-    run["history"] = _call(lambda: client.get(f"/api/runs/{run_id}/history"))
+    run = _call(lambda: client.get(run_path(run_id)))
+    run["children"] = _call(lambda: client.get(run_path(run_id, "children")))
+    run["history"] = _call(lambda: client.get(run_path(run_id, "history")))
     if as_json:
         return _print_json(run)
     for k in ("run_id", "experiment", "display_name", "status", "start_time", "end_time", "duration_s",
@@ -237,7 +237,7 @@ def metrics(run_id: str, name: Optional[str] = typer.Option(None, "--name", "-n"
             recursive: bool = typer.Option(False, "--recursive", help="Include child runs."),
             home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
     """A run's metrics in the get_metrics() shape."""
-    data = _call(lambda: _client(home).get(f"/api/runs/{run_id}/metrics", name=name,
+    data = _call(lambda: _client(home).get(run_path(run_id, "metrics"), name=name,
                                            recursive=str(recursive).lower()))
     if as_json:
         return _print_json(data)
@@ -330,7 +330,7 @@ def cancel(run_id: str, home: Optional[Path] = HomeOpt) -> None:
 @app.command()
 def files(run_id: str, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt) -> None:
     """Every file of a run: its log files (azureml-logs/, logs/) and stored files."""
-    rows = _call(lambda: _client(home).get(f"/api/runs/{run_id}/files"))
+    rows = _call(lambda: _client(home).get(run_path(run_id, "files")))
     if as_json:
         return _print_json(rows)
     t = Table(Column("file", overflow="fold"), "kind", "lines", "bytes", "last written (UTC)")
@@ -366,15 +366,15 @@ def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "
     deadline = time.monotonic() + (30 if follow else 0)
     while True:  # with --follow, a run submitted a moment ago may still be on its way
         try:
-            listed = client.get(f"/api/runs/{run_id}/files")
-            client.get(f"/api/runs/{run_id}")
+            listed = client.get(run_path(run_id, "files"))
+            client.get(run_path(run_id))
             break
         except NotFound:
             if time.monotonic() > deadline:
-                _call(lambda: client.get(f"/api/runs/{run_id}"))
+                _call(lambda: client.get(run_path(run_id)))
             time.sleep(0.3)
         except RunwatchError:
-            listed = _call(lambda: client.get(f"/api/runs/{run_id}/files"))
+            listed = _call(lambda: client.get(run_path(run_id, "files")))
     names = {f["name"] for f in listed}
     chosen = list(file) if file else None
     for f in chosen or []:
@@ -384,14 +384,14 @@ def logs(run_id: str, file: Optional[list[str]] = typer.Option(None, "--file", "
     follower = OutputFollower(client, run_id, out, chosen)
     if tail is not None:
         for f in chosen or driver_files(listed):
-            page = client.get(f"/api/runs/{run_id}/logs", file=f, tail=tail)
+            page = client.get(run_path(run_id, "logs"), file=f, tail=tail)
             follower.cursor[f] = page["lines"][0]["seq"] - 1 if page["lines"] else -1
     try:
         while True:
             _call(follower.poll)
             if not follow:
                 return
-            status = _call(lambda: client.get(f"/api/runs/{run_id}"))["status"]
+            status = _call(lambda: client.get(run_path(run_id)))["status"]
             if status in TERMINAL:
                 time.sleep(1.0)  # the last lines may still be on their way
                 _call(follower.poll)

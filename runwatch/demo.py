@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .core.client import run_path
 from .core.settings import Settings
 from .core.states import TERMINAL, WAITING
 
@@ -78,7 +79,7 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
         return 1
     console.print()
     child = f"{run.id}_rank0"
-    metrics = ws.read_api().get(f"/api/runs/{child}/metrics")
+    metrics = ws.read_api().get(run_path(child, "metrics"))
     console.print(f"[bold]get_metrics() of {child}[/bold]")
     for name, value in metrics.items():
         console.print(f"  {name:>15}: {_short(value)}", highlight=False)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .core.client import run_path
 from .core.errors import NotFound, RunwatchError
 from .core.names import DRIVER_LOG_PREFIX
 from .core.states import TERMINAL
@@ -87,7 +88,7 @@ class RunDetails:
         api = self.run.experiment.workspace.read_api()
         rid = self.run.id
         try:
-            d = api.get(f"/api/runs/{rid}")
+            d = api.get(run_path(rid))
         except NotFound:
             return {"run_id": rid, "status": "NotStarted", "terminal": False, "stack_error": None,
                     "note": "the run is not stored yet", "metrics": [], "files": [], "children": [],
@@ -104,7 +105,7 @@ class RunDetails:
             "properties": {k: v for k, v in d.get("properties", {}).items() if not k.startswith("_runwatch.")},
             "tags": d.get("tags", {}), "portal_url": self.run.get_portal_url(), "stack_error": None,
         }
-        listed = api.get(f"/api/runs/{rid}/files")
+        listed = api.get(run_path(rid, "files"))
         state["metrics"] = self._metrics(api, rid, {f["name"]: f.get("sha256") for f in listed if f["kind"] == "file"})
         files = [f["name"] for f in listed if f["kind"] == "log"]
         state["files"] = files
@@ -112,16 +113,16 @@ class RunDetails:
             driver = [f for f in files if f.startswith(DRIVER_LOG_PREFIX)]
             self.selected_file = (driver or files or [None])[0]
         state["selected_file"] = self.selected_file
-        state["log_tail"] = ([ln["line"] for ln in api.get(f"/api/runs/{rid}/logs", file=self.selected_file,
+        state["log_tail"] = ([ln["line"] for ln in api.get(run_path(rid, "logs"), file=self.selected_file,
                                                              tail=TAIL_LINES)["lines"]]
                              if self.selected_file else [])
         state.update(self._children(api, rid))
         return state
 
     def _metrics(self, api, rid: str, stored: dict[str, str | None]) -> list[dict[str, Any]]:
-        aggs = api.get(f"/api/runs/{rid}/aggregates")
+        aggs = api.get(run_path(rid, "aggregates"))
         kinds = {k.split(".")[0] if v["kind"] in ("row", "table") else k: v["kind"] for k, v in aggs.items()}
-        values = api.get(f"/api/runs/{rid}/metrics")
+        values = api.get(run_path(rid, "metrics"))
         out = []
         for name in sorted(values):
             v = values[name]
@@ -155,7 +156,7 @@ class RunDetails:
             return cached[1]
         buf = io.BytesIO()
         try:
-            n = api.download(f"/api/runs/{rid}/files/{name}", buf)
+            n = api.download(run_path(rid, "files", name), buf)
         except RunwatchError:
             return None
         if n > MAX_IMAGE_BYTES:
@@ -167,10 +168,10 @@ class RunDetails:
         return uri
 
     def _children(self, api, rid: str) -> dict[str, Any]:
-        kids = api.get(f"/api/runs/{rid}/children")
+        kids = api.get(run_path(rid, "children"))
         if not kids:
             return {"children": [], "child_metric": None, "child_metric_options": [], "best_child": None}
-        aggs = {k["run_id"]: api.get(f"/api/runs/{k['run_id']}/aggregates") for k in kids}
+        aggs = {k["run_id"]: api.get(run_path(k['run_id'], "aggregates")) for k in kids}
         options = sorted({name for per in aggs.values() for name, a in per.items() if a["kind"] in ("scalar", "list")})
         metric = self.child_metric if self.child_metric in options else (options[0] if options else None)
         rows, best, best_value = [], None, None

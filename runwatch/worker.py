@@ -92,7 +92,6 @@ def run(settings: Settings) -> None:
                   FileStore(settings.files_root() / "snapshots"), live, sink=sink)
     state_file = settings.home / "worker.json"
 
-    @procs.app.task
     async def start_services() -> None:
         port = await api.start(settings.api_host, settings.api_port, fallback=bool(settings.api_port_fallback))
         write_json_atomic(state_file, {"pid": os.getpid(), "api_port": port, "api_url": f"http://{settings.api_host}:{port}",
@@ -104,6 +103,9 @@ def run(settings: Settings) -> None:
             asyncio.ensure_future(_send_orphan_spools(settings, orphans, lambda: sink.ready))
         _quiet_gc()
 
+    # on the loop Faust runs, before Faust starts: the read API and the sink need not wait for the processors'
+    # group join (seconds on the embedded broker)
+    asyncio.get_event_loop().create_task(start_services())
     try:
         _execute(procs.app)
     finally:

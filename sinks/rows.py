@@ -193,10 +193,10 @@ class RowBuilder:
             raise DataError(f"{p.kind}: {type(exc).__name__}: {exc}"[:1000]) from None
 
     def dead_letter(self, reason: str, topic: str, partition: int, offset: int, raw: bytes,
-                    ts: float | None = None) -> None:
+                    ts: float | None = None, run_id: str = "") -> None:
         self.rows["dead_letters"].append({
             "ts": int((ts or time.time()) * 1e6), "topic": topic, "partition": partition, "offset": offset,
-            "reason": reason, "raw": raw[:4096].decode("utf-8", "backslashreplace")})
+            "reason": reason, "raw": raw[:4096].decode("utf-8", "backslashreplace"), "run_id": run_id})
 
     def _metrics(self, env: Envelope, p: MetricBatch) -> None:
         parts = p.parts()
@@ -329,7 +329,8 @@ def _file(env: Envelope, p: FileStored) -> tuple[str, list[dict[str, Any]]]:
 def _dead_letter(env: Envelope, p: DeadLetter) -> tuple[str, list[dict[str, Any]]]:
     return "dead_letters", [{
         "ts": _us("dead letter ts", env.ts, optional=False), "topic": p.topic, "partition": p.partition,
-        "offset": p.offset, "reason": p.reason, "raw": p.raw[:4096].decode("utf-8", "backslashreplace")}]
+        "offset": p.offset, "reason": p.reason, "raw": p.raw[:4096].decode("utf-8", "backslashreplace"),
+        "run_id": env.run_id}]
 
 
 _ROWS: dict[type, Callable[[Envelope, Any], tuple[str, list[dict[str, Any]]]]] = {

@@ -90,6 +90,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (4, "runs keep the sequence numbers their state was built from", [
         "ALTER TABLE runs ADD COLUMN IF NOT EXISTS seen String DEFAULT ''",
     ]),
+    (5, "dead letters name their run (the message key), so that a run's can be listed", [
+        "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS run_id String DEFAULT ''",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

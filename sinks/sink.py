@@ -409,7 +409,7 @@ class Sink:
         """One message into the chunk: a row, a dead letter, or (a repeat, a rejected batch) nothing."""
         if env is None:
             msg, reason = m
-            builder.dead_letter(reason, tp.topic, tp.partition, msg.offset, msg.value or b"")
+            builder.dead_letter(reason, tp.topic, tp.partition, msg.offset, msg.value or b"", run_id=_key(msg))
             return
         key = self._key(env)
         if key is not None:
@@ -424,7 +424,7 @@ class Sink:
         except DataError as exc:
             ready.data_errors += 1
             builder.dead_letter(f"the sink could not store it: {exc}", tp.topic, tp.partition, m.offset,
-                                m.value or b"")
+                                m.value or b"", run_id=env.run_id)
             return
         if key is not None:
             ready.added[key].append(env.seq)
@@ -471,7 +471,7 @@ class Sink:
         builder = RowBuilder()
         raw = (m[0].value if env is None else m.value) or b""
         builder.dead_letter(f"the store refused it: {type(exc).__name__}: {exc}"[:2000], tp.topic, tp.partition,
-                            offset, raw)
+                            offset, raw, run_id=env.run_id if env is not None else _key(m[0]))
         one = _Prepared({tp: (offset, offset, [])}, WriteBatch([]))
         one.data_errors += 1
         one.batch.tables.append((token + ":dlq", builder.tables()))
@@ -522,6 +522,11 @@ class Sink:
                 await consumer.stop()
             except Exception:
                 pass
+
+
+def _key(msg) -> str:
+    """A message's key, the run id, as text (for a dead letter that could not be decoded)."""
+    return (msg.key or b"").decode("utf-8", "replace")[:256]
 
 
 def _merge(into: _Prepared, one: _Prepared) -> None:

@@ -129,6 +129,21 @@ def consume(bootstrap: str, topics: list[str], until, timeout: float = 20.0):
     return asyncio.run(run())
 
 
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    """Write raw messages (key, value) to a topic with a plain aiokafka producer, in order, each acknowledged."""
+    from aiokafka import AIOKafkaProducer
+
+    async def go():
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 << 20, acks="all")
+        await p.start()
+        try:
+            for key, value in messages:
+                await p.send_and_wait(topic, value, key=key)
+        finally:
+            await p.stop()
+    asyncio.run(go())
+
+
 def decoded(messages):
     from runwatch.core.events import decode
 

@@ -190,9 +190,15 @@ def test_hostile_file_names_are_refused(name):
         safe_name(name)
 
 
-def test_file_names_are_normalised():
-    assert safe_name("./outputs//model.txt") == "outputs/model.txt"
-    assert safe_name("outputs\\plots\\a.png") == "outputs/plots/a.png"
+def test_file_names_are_kept_as_given_or_refused():
+    for name in ("outputs/model.txt", "model.txt#backup", "notes?.txt", "x%2Fy", "ünï/cödé.bin", "a b"):
+        assert safe_name(name) == name
+    with pytest.raises(FileError, match="would be stored as 'outputs/model.txt'"):
+        safe_name("./outputs//model.txt")
+    with pytest.raises(FileError, match="backslash"):
+        safe_name("outputs\\plots\\a.png")
+    with pytest.raises(FileError, match="control character"):
+        safe_name("a\nb")
 
 
 def test_file_store_keeps_nothing_from_a_damaged_upload(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, Worker, log_rows_table_tags, point_sdk_at, unique_name, wait_until
+from conftest import ROOT, Worker, log_rows_table_tags, point_sdk_at, produce, unique_name, wait_until
 from runwatch import Experiment, Run, Workspace
 from runwatch.core.events import MetricBatch, MetricName, RunCreated, RunStatus, encode, make_envelope, this_source
 
@@ -147,18 +146,7 @@ def test_aggregates_equal_numpy(stack_env):
 
 
 def _produce(worker, topic_suffix, messages):
-    from aiokafka import AIOKafkaProducer
-
-    async def go():
-        p = AIOKafkaProducer(bootstrap_servers=worker.broker.bootstrap, acks="all")
-        await p.start()
-        try:
-            for key, value in messages:
-                await p.send_and_wait(worker.prefix + topic_suffix, value, key=key)
-        finally:
-            await p.stop()
-
-    asyncio.run(go())
+    produce(worker.broker.bootstrap, worker.prefix + topic_suffix, messages)
 
 
 def test_replayed_batch_stores_nothing_twice(stack_env):

@@ -23,7 +23,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from conftest import ROOT, Worker, _unique, unique_name, wait_until
+from conftest import ROOT, Worker, _unique, produce, unique_name, wait_until
 from figures import Figures
 from kafka_cluster import KafkaCluster, cluster as make_cluster
 from tcp_proxy import TcpProxy
@@ -425,20 +425,6 @@ def bad_input_stack(tmp_path_factory):
     yield cluster, worker
     worker.stop()
     cluster.stop()
-
-
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-    async def go():
-        from aiokafka import AIOKafkaProducer
-
-        p = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 << 20)
-        await p.start()
-        try:
-            for key, value in messages:
-                await p.send_and_wait(topic, value, key=key)
-        finally:
-            await p.stop()
-    asyncio.run(go())
 
 
 def valid_metric_event(run_id: str, names: int = 1, seq: int = 0) -> bytes:

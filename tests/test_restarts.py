@@ -338,7 +338,7 @@ def test_down_with_a_million_points_not_stored(home, tmp_path):
         t.go(1)
         t.wait(300)
         t0 = time.monotonic()
-        out = down(home, "--timeout", "2")
+        down(home, "--timeout", "2")
         down_s = round(time.monotonic() - t0, 2)
     finally:
         if pid_alive(rec["worker_pid"]):

@@ -28,7 +28,8 @@ def _run_columns(t: str) -> list[str]:
             f"{t}compute_target", f"{t}status", f"formatDateTime({t}created_time, {ISO})",
             f"formatDateTime({t}start_time, {ISO})", f"formatDateTime({t}end_time, {ISO})",
             f"dateDiff('microsecond', {t}start_time, {t}end_time) / 1e6", f"toJSONString({t}properties)",
-            f"{t}tags_json", f"{t}error", f"{t}dropped_points", f"{t}illegal_transitions", f"{t}version"]
+            f"{t}tags_json", f"{t}error", f"{t}dropped_points", f"{t}illegal_transitions", f"{t}version",
+            f"{t}seen"]
 
 
 RUN_COLUMNS = run_columns()
@@ -68,7 +69,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def run_row(r: tuple) -> dict[str, Any]:
     (run_id, experiment, display_name, parent, run_type, target, status, created, start, end, duration, props,
-     tags_json, error, dropped, illegal, version) = r
+     tags_json, error, dropped, illegal, version, seen) = r
     return {
         "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
         "run_type": run_type, "compute_target": target, "status": status, "created_time": created,
@@ -76,6 +77,8 @@ def run_row(r: tuple) -> dict[str, Any]:
         "properties": _json_object(props), "tags": _json_object(tags_json),
         "error": json.loads(error) if error else None, "dropped_points": int(dropped),
         "illegal_transitions": int(illegal), "version": int(version),
+        # what of each source's events this record was built from: a writer tells whether it shows its writes
+        "seen": _json_object(seen),
     }
 
 
@@ -103,8 +106,11 @@ class Queries:
              compute_target: str | None = None, tags: list[str] | None = None, properties: list[str] | None = None,
              parent: str | None = None, include_children: bool = False, run_type: str | None = None,
              metrics: list[str] | None = None, sort_metric: str | None = None, sort: str = "max",
-             order: str = "desc", limit: int = 1000) -> list[dict[str, Any]]:
+             order: str = "desc", limit: int = 1000, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
         where, params = ["1"], {}
+        if run_ids:
+            where.append("r.run_id IN {run_ids:Array(String)}")
+            params["run_ids"] = list(run_ids)
         if experiment is not None:
             where.append("r.experiment = {experiment:String}")
             params["experiment"] = experiment
@@ -185,6 +191,12 @@ class Queries:
             out[kind] = int(rows[0][0] or 0) if rows else 0
         return out
 
+    def stored_seqs(self, src: str, run_ids: list[str]) -> dict[str, int]:
+        """Per run, the highest event seq of one source whose points are stored (a read API without the sink)."""
+        rows = self._rows(f"""SELECT run_id, max(seq) FROM {DB}.metric_points WHERE run_id IN {{runs:Array(String)}}
+                              AND src = {{src:String}} GROUP BY run_id""", runs=run_ids, src=src)
+        return {r: int(s) for r, s in rows}
+
     def run_exists(self, run_id: str) -> bool:
         """Whether the run is stored at all: one row of any version, without FINAL (what a 404 needs)."""
         return bool(self._rows(f"SELECT 1 FROM {DB}.runs WHERE run_id = {{run_id:String}} LIMIT 1", run_id=run_id))
@@ -244,6 +256,16 @@ class Queries:
                               WHERE {where} ORDER BY ts DESC LIMIT {{limit:UInt32}}""", **params)
         return [{"alert_id": a, "run_id": r, "experiment": e, "ts": _iso(ts), "status": st, "reason": reason,
                  "details": json.loads(d) if d else {}} for a, r, e, ts, st, reason, d in rows]
+
+    def dead_letters(self, run_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        where, params = "1", {"limit": int(limit)}
+        if run_id is not None:
+            where = "run_id = {run_id:String}"
+            params["run_id"] = run_id
+        rows = self._rows(f"""SELECT ts, run_id, topic, partition, offset, reason FROM {DB}.dead_letters
+                              WHERE {where} ORDER BY ts DESC LIMIT {{limit:UInt32}}""", **params)
+        return [{"ts": _iso(ts), "run_id": r, "topic": t, "partition": int(p), "offset": int(o), "reason": reason}
+                for ts, r, t, p, o, reason in rows]
 
     # -- compute --------------------------------------------------------------------------------
     def compute(self, slots: dict[str, int], name: str | None = None) -> list[dict[str, Any]]:

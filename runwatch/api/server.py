@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hmac
 import html
 import json
 import logging
 import math
+import socket
+import time
 from typing import Any, Callable
 
 import ujson
 from aiohttp import web
 
-from runwatch.api.filestore import FileError, FileStore
+from runwatch.api.filestore import FileError, FileStore, safe_name
 from runwatch.api.queries import Queries, counts
 from runwatch.core.names import STACK_HEADER
 from runwatch.core.settings import Settings
@@ -47,6 +50,8 @@ class ReadApi:
         self.files = files
         self.snapshots = snapshots
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="runwatch-api")
+        self._allowed_hosts = {"localhost", "127.0.0.1", "::1", settings.api_host, socket.gethostname()} | {
+            h.strip().lower() for h in (settings.api_allowed_hosts or "").split(",") if h.strip()}
         self.app = web.Application(middlewares=[self._errors])
         self.app.on_response_prepare.append(self._identity)
         r = self.app.router
@@ -66,6 +71,7 @@ class ReadApi:
         r.add_put("/api/runs/{run_id}/snapshot", self.snapshot_put)
         r.add_get("/api/sources/{src}/stored", self.source_stored)
         r.add_get("/api/alerts", self.alerts)
+        r.add_get("/api/dead-letters", self.dead_letters)
         r.add_get("/api/compute", self.compute)
         r.add_get("/api/compute/{name}", self.compute_one)
         r.add_get("/runs/{run_id}", self.run_page)
@@ -73,20 +79,31 @@ class ReadApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        host = _host_name(request.headers.get("Host", ""))
+        if not self._host_ok(host):
+            # a web page whose name was rebound to 127.0.0.1 sends its own Host (DNS rebinding): not served
+            return _error(f"Host {host!r} is not one this read API serves (setting api_allowed_hosts)", 421)
         if self.token and request.path.startswith("/api/") and request.path != "/api/health":
-            if request.headers.get("Authorization") != f"Bearer {self.token}":
-                return web.json_response({"error": "a valid bearer token is required"}, status=401)
+            if not hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                       f"Bearer {self.token}".encode()):
+                return _error("a valid bearer token is required", 401)
         try:
             return await handler(request)
-        except web.HTTPException:
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _error(exc.reason or exc.text or "error", exc.status)
             raise
         except (ValueError, TypeError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return _error(str(exc), 400)
         except LookupError as exc:
-            return web.json_response({"error": str(exc)}, status=404)
+            return _error(str(exc.args[0]) if exc.args else "not found", 404)
         except Exception as exc:  # the API stays up; the caller gets the reason
             log.exception("read API error on %s", request.path)
-            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+            return _error(f"{type(exc).__name__}: {exc}", 500)
+
+    def _host_ok(self, host: str) -> bool:
+        allowed = self._allowed_hosts
+        return "*" in allowed or host in allowed
 
     async def _q(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: fn(*args, **kwargs))
@@ -136,16 +153,14 @@ class ReadApi:
 
     async def runs(self, request: web.Request) -> web.Response:
         q = request.query
-        limit = int(q.get("limit", "1000"))
-        if not 1 <= limit <= 100_000:
-            raise ValueError("limit must be between 1 and 100000")
+        limit = _int_param(q, "limit", 1000, 1, 100_000)
         rows = await self._q(
             self.queries.runs, experiment=q.get("experiment"), status=q.getall("status", []) or None,
             compute_target=q.get("compute_target"), tags=q.getall("tag", []) or None,
             properties=q.getall("property", []) or None, parent=q.get("parent"),
             include_children=_bool(q.get("include_children")), run_type=q.get("run_type"),
             metrics=q.getall("metric", []) or None, sort_metric=q.get("sort_metric"), sort=q.get("sort", "max"),
-            order=q.get("order", "desc"), limit=limit)
+            order=q.get("order", "desc"), limit=limit, run_ids=q.getall("run_id", []) or None)
         return self._json(rows)
 
     async def _get_run(self, run_id: str) -> dict[str, Any]:
@@ -154,10 +169,14 @@ class ReadApi:
             raise LookupError(f"no run {run_id!r}")
         return run
 
-    async def _require_run(self, run_id: str) -> None:
-        """404 for an unknown run, by the cheapest lookup (no FINAL): for endpoints that found nothing of it."""
-        if not await self._q(self.queries.run_exists, run_id):
-            raise LookupError(f"no run {run_id!r}")
+    async def _require_run(self, run_id: str, wait: float = 0.0) -> None:
+        """404 for an unknown run, by the cheapest lookup (no FINAL): for endpoints that found nothing of it.
+        `wait`: seconds to give a run created a moment ago (its first event still on its way to the store)."""
+        deadline = time.monotonic() + min(max(wait, 0.0), 30.0)
+        while not await self._q(self.queries.run_exists, run_id):
+            if time.monotonic() >= deadline:
+                raise LookupError(f"no run {run_id!r}")
+            await asyncio.sleep(0.05)
 
     async def run(self, request: web.Request) -> web.Response:
         run = await self._get_run(request.match_info["run_id"])
@@ -165,8 +184,32 @@ class ReadApi:
             run["missing_events"] = await self._q(self.queries.missing_events, run["run_id"])
         return self._json(run)
 
+    async def _after(self, request: web.Request) -> None:
+        """A read that names the writer's last metric batches (X-Runwatch-After) is answered once they are
+        stored, at most `read_wait` seconds later (read-your-writes: producers/local.py)."""
+        raw = request.headers.get("X-Runwatch-After")
+        if not raw:
+            return
+        try:
+            after = json.loads(raw)
+            src, wanted = str(after["src"]), {str(k): int(v) for k, v in after.get("metrics", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError("header X-Runwatch-After must be {\"src\": ..., \"metrics\": {run: seq}}") from None
+        deadline = time.monotonic() + self.settings.read_wait
+        while wanted and time.monotonic() < deadline:
+            have = await self._q(self._stored_seqs, src, list(wanted))
+            wanted = {r: s for r, s in wanted.items() if s > have.get(r, -1)}
+            if wanted:
+                await asyncio.sleep(0.01)
+
+    def _stored_seqs(self, src: str, runs: list[str]) -> dict[str, int]:
+        if self.sink is not None:
+            return {r: v["metrics"] for r, v in self.sink.stored(src, runs).items()}
+        return self.queries.stored_seqs(src, runs)
+
     async def metrics(self, request: web.Request) -> web.Response:
         run_id, recursive = request.match_info["run_id"], _bool(request.query.get("recursive"))
+        await self._after(request)
         # stored=true: what ClickHouse holds, nothing from the live tail (and the run is not watched)
         live = None if self.live is None or _bool(request.query.get("stored")) else self.live.pending
         found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive, live)
@@ -178,14 +221,24 @@ class ReadApi:
 
     async def run_aggregates(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        return self._json((await self._q(self.queries.aggregates, [run_id])).get(run_id, {}))
+        found = (await self._q(self.queries.aggregates, [run_id])).get(run_id, {})
+        if not found:
+            await self._require_run(run_id)
+        return self._json(found)
 
     async def children(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        return self._json(await self._q(self.queries.children, run_id, _bool(request.query.get("recursive"))))
+        found = await self._q(self.queries.children, run_id, _bool(request.query.get("recursive")))
+        if not found:
+            await self._require_run(run_id)
+        return self._json(found)
 
     async def history(self, request: web.Request) -> web.Response:
-        return self._json(await self._q(self.queries.history, request.match_info["run_id"]))
+        run_id = request.match_info["run_id"]
+        found = await self._q(self.queries.history, run_id)
+        if not found:
+            await self._require_run(run_id)
+        return self._json(found)
 
     # -- files and logs ----------------------------------------------------------------------
     async def file_list(self, request: web.Request) -> web.Response:
@@ -205,12 +258,13 @@ class ReadApi:
         file = q.get("file")
         if not file:
             raise ValueError("give the log file: ?file=azureml-logs/70_driver_log_0.txt")
-        limit = int(q.get("limit", "1000"))
-        if not 1 <= limit <= 100_000:
-            raise ValueError("limit must be between 1 and 100000")
-        tail = q.get("tail")
-        return self._json(await self._q(self.queries.log_lines, run_id, file, int(q.get("after_seq", "-1")), limit,
-                                        int(tail) if tail is not None else None))
+        limit = _int_param(q, "limit", 1000, 1, 100_000)
+        tail = _int_param(q, "tail", None, 0, 1_000_000)
+        after = _int_param(q, "after_seq", -1, -1, 1 << 62)
+        found = await self._q(self.queries.log_lines, run_id, file, after, limit, tail)
+        if not found["lines"]:
+            await self._require_run(run_id)
+        return self._json(found)
 
     async def file_get(self, request: web.Request) -> web.StreamResponse:
         run_id, name = request.match_info["run_id"], request.match_info["name"]
@@ -220,7 +274,7 @@ class ReadApi:
             path = None
         if path is not None:
             meta = self.files.meta(run_id, name)
-            return web.FileResponse(path, headers={"Content-Type": meta["content_type"],
+            return web.FileResponse(path, headers={**_served_as(meta["content_type"], name),
                                                    "X-Content-SHA256": meta.get("sha256", "")})
         first = await self._q(self.queries.log_lines, run_id, name, -1, 10_000)
         if not first["lines"]:
@@ -239,14 +293,22 @@ class ReadApi:
         return await self._upload(request, self.files, request.match_info["name"], self.settings.max_file_bytes)
 
     async def snapshot_get(self, request: web.Request) -> web.FileResponse:
-        path = await self._q(self.snapshots.path, request.match_info["run_id"], "snapshot.zip")
-        return web.FileResponse(path, headers={"Content-Type": "application/zip"})
+        run_id = request.match_info["run_id"]
+        try:
+            path = await self._q(self.snapshots.path, run_id, "snapshot.zip")
+        except LookupError:
+            await self._require_run(run_id)
+            raise LookupError(f"run {run_id} has no snapshot (only submitted runs have one)") from None
+        return web.FileResponse(path, headers={"Content-Type": "application/zip", "X-Content-Type-Options": "nosniff"})
 
     async def snapshot_put(self, request: web.Request) -> web.Response:
         return await self._upload(request, self.snapshots, "snapshot.zip", self.settings.snapshot_max_bytes)
 
     async def _upload(self, request: web.Request, store: FileStore, name: str, max_bytes: int) -> web.Response:
         run_id = request.match_info["run_id"]
+        safe_name(name)  # a name the store would refuse is refused before the run is looked up
+        # files go only to runs that exist; the SDK gives a run it created a moment ago a few seconds to be stored
+        await self._require_run(run_id, wait=_float_header(request, "X-Runwatch-Wait"))
         if request.content_length is not None and request.content_length > max_bytes:
             raise FileError(f"file {name!r} is {request.content_length} bytes; the limit is {max_bytes}")
 
@@ -271,10 +333,13 @@ class ReadApi:
         return self._json({"incarnation": self.sink.incarnation, "caught_up": self.sink.caught_up(), "runs": stored})
 
     async def alerts(self, request: web.Request) -> web.Response:
-        limit = int(request.query.get("limit", "100"))
-        if not 1 <= limit <= 10_000:
-            raise ValueError("limit must be between 1 and 10000")
+        limit = _int_param(request.query, "limit", 100, 1, 10_000)
         return self._json(await self._q(self.queries.alerts, request.query.get("run_id"), limit))
+
+    async def dead_letters(self, request: web.Request) -> web.Response:
+        """Events no stage could take, newest first, with the reason (of one run: ?run_id=)."""
+        limit = _int_param(request.query, "limit", 100, 1, 10_000)
+        return self._json(await self._q(self.queries.dead_letters, request.query.get("run_id"), limit))
 
     # -- compute -----------------------------------------------------------------------------
     async def compute(self, request: web.Request) -> web.Response:
@@ -300,6 +365,59 @@ class ReadApi:
                 f"<table border=1><tr><th>metric</th><th>count</th><th>min</th><th>max</th><th>last</th></tr>{rows}"
                 f"</table></body></html>")
         return web.Response(text=body, content_type="text/html")
+
+
+def _error(message: str, status: int) -> web.Response:
+    """Every error the API gives has this shape: {"error": what is wrong, "code": the HTTP status}."""
+    return web.json_response({"error": message, "code": status}, status=status)
+
+
+def _int_param(q, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {value}")
+    return value
+
+
+def _float_header(request: web.Request, name: str) -> float:
+    try:
+        return float(request.headers.get(name, "0"))
+    except ValueError:
+        raise ValueError(f"header {name} must be a number of seconds") from None
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8765" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+#: Content types a stored file is served back as; anything else (text/html, image/svg+xml: a page, a script) is
+#: served as bytes to save, never as something a browser would run.
+SAFE_TYPES = frozenset({"text/plain", "text/csv", "application/json", "application/zip", "application/gzip",
+                        "application/x-tar", "application/octet-stream", "image/png", "image/jpeg", "image/gif",
+                        "image/webp", "image/bmp", "application/pdf"})
+
+
+def _served_as(content_type: str, name: str) -> dict[str, str]:
+    base = (content_type or "").split(";")[0].strip().lower()
+    headers = {"X-Content-Type-Options": "nosniff"}
+    if base in SAFE_TYPES:
+        headers["Content-Type"] = content_type
+    else:
+        from urllib.parse import quote
+
+        headers["Content-Type"] = "application/octet-stream"
+        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(name.rsplit('/', 1)[-1])}"
+    return headers
 
 
 def _fmt(x: Any) -> str:

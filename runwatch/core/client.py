@@ -48,8 +48,8 @@ class ApiClient:
     def _check_identity(self, resp: httpx.Response) -> None:
         check_identity(self.settings, resp, self._base)
 
-    def get(self, path: str, **params: Any) -> Any:
-        return _result(self._request("GET", path, params=_clean(params)))
+    def get(self, path: str, headers: dict[str, str] | None = None, **params: Any) -> Any:
+        return _result(self._request("GET", path, params=_clean(params), headers=headers or None))
 
     def post(self, path: str, body: Any) -> Any:
         return _result(self._request("POST", path, json=body))
@@ -64,6 +64,8 @@ class ApiClient:
             headers["Content-Type"] = content_type
         if size is not None:
             headers["Content-Length"] = str(size)
+        # a run created a moment ago may still be on its way to the store: the API waits for it, this long
+        headers["X-Runwatch-Wait"] = "10"
         body = iter(lambda: source.read(1 << 20), b"") if hasattr(source, "read") else source
         return _result(self._request("PUT", path, content=body, headers=headers, timeout=None))
 
@@ -102,6 +104,14 @@ class ApiClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def run_path(run_id: str, *parts: str) -> str:
+    """The read API's path of a run (and of its files): every name is URL-encoded, so that `#`, `?`, `%` and the
+    like travel as part of the name."""
+    from urllib.parse import quote
+
+    return "/api/runs/" + quote(run_id, safe="") + "".join("/" + quote(p, safe="/") for p in parts)
 
 
 def check_identity(settings: Settings, resp: httpx.Response, base: str | None) -> None:

@@ -37,7 +37,7 @@ def consumer(settings: Settings, bootstrap: str, client_id: str, group_id: str |
     args: dict[str, Any] = dict(
         bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest",
         max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20, client_id=client_id,
-        **settings.kafka_args())
+        fetch_max_wait_ms=settings.fetch_max_wait_ms, **settings.kafka_args())
     args.update(overrides)
     return AIOKafkaConsumer(**args)
 

@@ -64,24 +64,35 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}$")
 
 
 def safe_name(name: Any) -> str:
-    """`name` as a relative POSIX path inside a run, or FileError naming what is wrong."""
+    """`name` itself, if it is a relative POSIX path that stays inside its run as it is; else FileError naming
+    what is wrong. A name is never changed: one the store would have to rewrite is refused."""
     if not isinstance(name, str) or not name:
         raise FileError(f"file name must be a non-empty string, not {name!r}")
     if "\x00" in name:
         raise FileError(f"file name {name!r} contains a NUL character")
     if len(name) > MAX_NAME:
         raise FileError(f"file name is {len(name)} characters long; at most {MAX_NAME}")
-    posix = name.replace("\\", "/")
-    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix):
+    bad = next((c for c in name if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise FileError(f"file name {name!r} contains the control character {bad!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FileError(f"file name {name!r} is not valid Unicode (a lone surrogate)") from None
+    if "\\" in name:
+        raise FileError(f"file name {name!r} contains a backslash; separate directories with '/'")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         raise FileError(f"file name {name!r} is absolute; give a name relative to the run, e.g. outputs/model.pt")
-    parts = [p for p in posix.split("/") if p not in ("", ".")]
-    if not parts:
-        raise FileError(f"file name {name!r} names no file")
+    parts = name.split("/")
     if ".." in parts:
         raise FileError(f"file name {name!r} contains '..'; names cannot leave the run's directory")
+    if any(p in ("", ".") for p in parts):
+        clean = "/".join(p for p in parts if p not in ("", "."))
+        raise FileError(f"file name {name!r} " + (f"would be stored as {clean!r}; give that name" if clean
+                                                  else "names no file"))
     if parts[0] in RESERVED:
         raise FileError(f"file name {name!r} uses a reserved directory")
-    return "/".join(parts)
+    return name
 
 
 def run_dir_name(run_id: str) -> str:

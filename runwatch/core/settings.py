@@ -72,7 +72,7 @@ class Settings:
     #: of each, and all of a run's names and values together in characters (its state travels as one message).
     max_tag_name_length: int = 256
     max_tag_value_length: int = 32_768
-    max_tags: int = 1000
+    max_tags: int = 10_000
     max_tags_bytes: int = 262_144
     #: Kafka compression. zstd: aiokafka compresses lz4 at level 9, which cost 185 ns a point (the largest
     #: item in a trainer's profile); zstd at its level 3 costs 25 ns and makes batches 4x smaller
@@ -86,6 +86,9 @@ class Settings:
     #: lingering adds no batching, only latency: 20 ms cost every run.complete() ~34 ms (docs/performance.md).
     linger_ms: int = 0
     max_request_size: int = 8 << 20
+    #: How long a consumer's fetch may wait for data (ms). The embedded broker holds every fetch this long even
+    #: when data comes sooner (Apache Kafka answers at once), so it is what each hop of the pipeline costs there.
+    fetch_max_wait_ms: int = 50
     request_timeout_ms: int = 10_000
     # --- security (docs/reliability.md, Security) ----------------------------------------
     #: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL: for the producers, the processors and the sink.
@@ -112,6 +115,11 @@ class Settings:
     sink_mode: str = "auto"
     api_host: str = "127.0.0.1"
     api_port: int = 8765
+    #: Host names the read API answers to, besides localhost, 127.0.0.1, ::1, api_host and this machine's name
+    #: (comma-separated; "*": any). A request with another Host is refused (a web page using DNS rebinding).
+    api_allowed_hosts: str = ""
+    #: Seconds the read API waits, at most, for a writer's own last points before it answers that writer's read.
+    read_wait: float = 10.0
     #: 1: when api_port is taken, the worker takes any free port and records it (the embedded stack); 0: it fails.
     api_port_fallback: int = 0
     #: The identity of an embedded stack (set by `runwatch up`): its broker's cluster id, returned by its read
