@@ -40,6 +40,7 @@ class Written:
     #: set here (None: this process never set it; its launcher or another process owns it)
     status: str | None = None
     status_ts: float | None = None
+    error: dict[str, Any] | None = None
     tags: dict[str, str | None] = field(default_factory=dict)
     removed_tags: set[str] = field(default_factory=set)
     properties: dict[str, str] = field(default_factory=dict)
@@ -54,7 +55,7 @@ class Written:
                 "parent_run_id": self.parent_run_id, "run_type": self.run_type, "compute_target": self.compute_target,
                 "status": self.status or "NotStarted", "created_time": start, "start_time": start, "end_time": end,
                 "duration_s": (self.status_ts - self.created_ts) if end else None,
-                "properties": dict(self.properties), "tags": dict(self.tags), "error": None, "dropped_points": 0,
+                "properties": dict(self.properties), "tags": dict(self.tags), "error": self.error, "dropped_points": 0,
                 "illegal_transitions": 0, "version": 0, "seen": {}}
 
 
@@ -102,6 +103,8 @@ def overlay(row: dict[str, Any] | None, w: Written | None, source: str, last_seq
         merged["display_name"] = w.display_name
     if w.status is not None and merged.get("status") not in TERMINAL:
         merged["status"] = w.status
+        if w.error is not None:
+            merged["error"] = w.error
         if w.status in TERMINAL and not merged.get("end_time"):
             merged["end_time"] = _iso(w.status_ts)
     return merged

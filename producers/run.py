@@ -94,7 +94,8 @@ class Run:
         run._tags.update(tag_map)
         created = time.time()
         local.remember(local.Written(rid, experiment.name, run.parent_id, run_type, compute_target, display_name,
-                                     created, status.value, created, dict(tag_map), set(), dict(props)))
+                                     created, status=status.value, status_ts=created, tags=dict(tag_map),
+                                     properties=dict(props)))
         run._emit(RunCreated(display_name=display_name, parent_run_id=run.parent_id, run_type=run_type,
                              compute_target=compute_target, status=status, properties=props, tags=tag_map,
                              created_ts=created))
@@ -466,7 +467,7 @@ class Run:
     def _set_status(self, status: RunStatus, error: dict | None = None) -> None:
         self._status = status.value
         w = self._written()
-        w.status, w.status_ts = status.value, time.time()
+        w.status, w.status_ts, w.error = status.value, time.time(), error
         self._emit(StatusChanged(status=status, error=error))
 
     def _state_chars(self) -> int:

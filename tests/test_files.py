@@ -196,9 +196,12 @@ def test_hostile_names_are_refused_by_the_read_api(stack_env, tmp_path, raw):
 def test_a_cut_upload_leaves_nothing_visible(stack_env):
     worker = stack_env
     host, port = "127.0.0.1", worker.api_port
-    tmp_dir = worker.home / "files" / "runs" / "cut-run" / ".runwatch-tmp"
+    run = Experiment(Workspace.from_config(), unique_name("cut")).start_logging()  # uploads go to runs that exist
+    run.get_status()
+    wait_until(lambda: httpx.get(f"{worker.api_url}/api/runs/{run.id}").status_code == 200, 30, what="run stored")
+    tmp_dir = worker.home / "files" / "runs" / run.id / ".runwatch-tmp"
     with socket.create_connection((host, port)) as s:
-        s.sendall(f"PUT /api/runs/cut-run/files/outputs/partial.bin HTTP/1.1\r\nHost: {host}\r\n"
+        s.sendall(f"PUT /api/runs/{run.id}/files/outputs/partial.bin HTTP/1.1\r\nHost: {host}\r\n"
                   "Content-Length: 1000000\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
         s.sendall(b"x" * 300_000)
         # the server is writing the partial body into a temporary file ...
@@ -206,6 +209,7 @@ def test_a_cut_upload_leaves_nothing_visible(stack_env):
                    what="partial upload in progress")
     # ... and the connection is cut: nothing under that name, the temporary file gone
     wait_until(lambda: not any(tmp_dir.iterdir()), 10, what="temporary file removed")
-    r = httpx.get(f"{worker.api_url}/api/runs/cut-run/files/outputs/partial.bin", timeout=10)
+    r = httpx.get(f"{worker.api_url}/api/runs/{run.id}/files/outputs/partial.bin", timeout=10)
     assert r.status_code == 404
-    assert not (worker.home / "files" / "runs" / "cut-run" / "outputs" / "partial.bin").exists()
+    assert not (worker.home / "files" / "runs" / run.id / "outputs" / "partial.bin").exists()
+    run.complete()

@@ -624,7 +624,7 @@ def _aggregate_outputs(bootstrap: str, topic: str, expected: int, timeout: float
 
 def test_scale_out_on_four_partitions_with_one_two_and_four_workers(tmp_path):
     cluster = make_cluster(3, tmp_path / "kafka").start()
-    runs, batches, points = 24, 40, 2_000
+    runs, batches, points = 24, 20, 2_000
     total = runs * batches
     try:
         for n in (1, 2, 4):
