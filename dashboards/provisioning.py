@@ -1,25 +1,21 @@
 """Grafana provisioning: the ClickHouse datasource, the dashboards provider, alert rules and their webhook.
 
-`write(dir)` writes what `runwatch dashboards export DIR` writes and what docker-compose mounts
-(`dashboards/provisioning/` and `dashboards/generated/` in the repository, kept current by the
-tests). `push()` sends the same dashboards and alert rules to a running Grafana with
+`files()` builds what the package ships and docker-compose mounts (`dashboards/provisioning/` and
+`dashboards/generated/` in the repository, kept current by the tests; `runwatch dashboards export DIR`
+copies them: dashboards/export.py). `push()` sends the same dashboards and alert rules to a running Grafana with
 grafana-client; both are idempotent.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .build import DB, build_all, url
+from .push import CONTACT_POINT, FOLDER_UID, RULE_GROUP
 from .sdk import DATASOURCE_UID, PLUGIN
-
-FOLDER_UID = "runwatch"
-RULE_GROUP = "runwatch-runs"
-CONTACT_POINT = "runwatch-webhook"
 
 #: (uid, title, status the rule watches). Each rule fires once per run that entered the status
 #: in the last 5 minutes; the run and its experiment become the alert's labels.
@@ -87,7 +83,7 @@ def dashboard_provider(path: str = "/var/lib/grafana/dashboards/runwatch") -> di
 
 
 def files(api_url: str | None = None) -> dict[str, str]:
-    """{relative path: content} of everything `write` writes."""
+    """{relative path: content} of everything the package ships (dashboards/export.py)."""
     dump = lambda d: yaml.safe_dump(d, sort_keys=False, width=120)  # noqa: E731
     out = {f"generated/{name}": json.dumps(model, indent=2, sort_keys=True) + "\n"
            for name, model in build_all(api_url).items()}
@@ -95,48 +91,3 @@ def files(api_url: str | None = None) -> dict[str, str]:
     out["provisioning/dashboards/runwatch.yaml"] = dump(dashboard_provider())
     out["provisioning/alerting/runwatch-alerts.yaml"] = dump(alerting())
     return out
-
-
-def write(directory: Path, api_url: str | None = None) -> list[Path]:
-    """Write the dashboards and provisioning under `directory`; unchanged files are left alone."""
-    written = []
-    for rel, content in files(api_url).items():
-        p = Path(directory) / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if not p.exists() or p.read_text() != content:
-            p.write_text(content)
-            written.append(p)
-    return written
-
-
-def push(grafana_url: str, token: str | None = None, api_url: str | None = None,
-         webhook_url: str | None = None) -> dict[str, int]:
-    """Create or update the folder, the dashboards, the alert rules and (given a URL) the webhook."""
-    from grafana_client import GrafanaApi
-    from grafana_client.client import GrafanaClientError
-
-    api = GrafanaApi.from_url(grafana_url, credential=token) if token else GrafanaApi.from_url(grafana_url)
-    try:
-        api.folder.get_folder(FOLDER_UID)
-    except GrafanaClientError:
-        api.folder.create_folder("runwatch", uid=FOLDER_UID)
-    n = 0
-    for model in build_all(api_url).values():
-        api.dashboard.update_dashboard({"dashboard": model, "folderUid": FOLDER_UID, "overwrite": True,
-                                        "message": "runwatch dashboards push"})
-        n += 1
-    existing = {r["uid"] for r in api.alertingprovisioning.get_alertrules_all()}
-    for rule in alert_rules():
-        body = dict(rule, folderUID=FOLDER_UID, ruleGroup=RULE_GROUP, orgID=1)
-        if rule["uid"] in existing:
-            api.alertingprovisioning.update_alertrule(rule["uid"], body)
-        else:
-            api.alertingprovisioning.create_alertrule(body)
-    if webhook_url:
-        cp = {"uid": CONTACT_POINT, "name": CONTACT_POINT, "type": "webhook",
-              "settings": {"url": webhook_url, "httpMethod": "POST"}, "disableResolveMessage": True}
-        if any(c.get("uid") == CONTACT_POINT for c in api.alertingprovisioning.get_contactpoints()):
-            api.alertingprovisioning.update_contactpoint(CONTACT_POINT, cp)
-        else:
-            api.alertingprovisioning.create_contactpoint(cp)
-    return {"dashboards": n, "alert_rules": len(ALERT_RULES)}

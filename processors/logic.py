@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from runwatch.core import aggregates as agg
 from runwatch.core.events import (
     Alert,
     Envelope,
@@ -27,7 +28,6 @@ from runwatch.core.names import DRIVER_LOG_PREFIX
 from runwatch.core.seqs import SeqSet
 from runwatch.core.states import LIVE
 
-from runwatch.core import aggregates as agg
 from .states import ALERTING, check_transition, is_terminal
 
 Out = tuple[str, str, Any]  # (topic name without prefix, run_id, envelope)

@@ -37,6 +37,7 @@ from runwatch.core.events import (
     make_envelope,
     this_source,
 )
+from runwatch.core.retry import Backoff
 from runwatch.core.settings import Settings
 
 from .buffer import Buffer, Columns
@@ -266,7 +267,7 @@ class Emitter:
         self._spooling = False
         self._producer = None
         self._next_connect = 0.0
-        self._connect_failures = 0
+        self._connects = Backoff(first=1.0, most=5.0)
         self._next_confirm = 0.0
         self._sending = False
         #: events to send again before anything else (the embedded broker restarted: it never had them)
@@ -689,7 +690,7 @@ class Emitter:
                 await producer.stop()
             except Exception:
                 pass
-            if self._connect_failures == 0 and not self._warned_identity:
+            if self._connects.tries == 0 and not self._warned_identity:
                 log.warning("runwatch: no broker at %s (%s); events go to the spool until it answers", bootstrap, exc)
             self._backoff()
             return False
@@ -700,13 +701,12 @@ class Emitter:
             self._requeue(self._retention.stale(incarnation))  # a new broker lifetime: what the last one lost first
         # kept until confirmed only where a read API can confirm them (the embedded stack's worker)
         self._confirmable = bool(self.settings.resolved_api_url())
-        self._connect_failures = 0
+        self._connects.reset()
         self.connected = True
         return True
 
     def _backoff(self) -> None:
-        self._connect_failures += 1
-        self._next_connect = time.monotonic() + min(0.5 * 2 ** min(self._connect_failures, 4), 5.0)
+        self._next_connect = time.monotonic() + self._connects.next()
 
     async def _disconnect(self) -> None:
         self.connected = False

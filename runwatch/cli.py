@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from .core.client import ApiClient, run_path
-from .core.errors import NotFound, RunwatchError, StackMismatch, StackNotRunning
+from .core.errors import MissingExtra, NotFound, RunwatchError, StackMismatch, StackNotRunning
 from .core.names import SCRIPT_RUN
 from .core.settings import Settings
 from .core.states import TERMINAL
@@ -45,7 +45,9 @@ def _print_json(value: Any) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -71,8 +73,8 @@ def up(home: Optional[Path] = HomeOpt) -> None:
     try:
         with console.status("starting runwatch") as st:
             result = stack_up(settings, progress=lambda s: st.update(s))
-    except StackError as exc:
-        _fail(str(exc))
+    except (StackError, RunwatchError) as exc:
+        _fail(str(exc), 2 if isinstance(exc, MissingExtra) else 1)
     rec = result.record
     what = ", ".join(result.started) if result.started else "nothing (already running)"
     console.print(f"runwatch is up in {result.seconds:.1f} s (started: {what})")
@@ -428,11 +430,11 @@ ApiUrlOpt = typer.Option(None, "--api-url", help="Where Grafana's browsers reach
 def dashboards_export(directory: Path = typer.Argument(..., help="Written: generated/*.json and provisioning/."),
                       api_url: Optional[str] = ApiUrlOpt) -> None:
     """Write the dashboards' JSON and Grafana's provisioning files (datasource, dashboards, alert rules)."""
-    from runwatch.dashboards.provisioning import files, write
+    from runwatch.dashboards.export import write
 
-    written = write(directory, api_url)
-    console.print(f"{len(files(api_url))} files under {directory}: {len(written)} written, "
-                  f"{len(files(api_url)) - len(written)} already current", highlight=False)
+    total, written = write(directory, api_url)
+    console.print(f"{total} files under {directory}: {len(written)} written, "
+                  f"{total - len(written)} already current", highlight=False)
 
 
 @dash_app.command("push")
@@ -443,10 +445,12 @@ def dashboards_push(grafana: str = typer.Option(..., "--grafana", help="Grafana'
                     webhook_url: Optional[str] = typer.Option(None, "--webhook-url",
                                                               help="Also create or update the alert webhook.")) -> None:
     """Create or update the dashboards and alert rules in a running Grafana (safe to repeat)."""
-    from runwatch.dashboards.provisioning import push
+    from runwatch.dashboards.push import push
 
     try:
         result = push(grafana, token, api_url, webhook_url)
+    except MissingExtra as exc:
+        _fail(str(exc), 2)
     except Exception as exc:  # grafana-client raises several unrelated types
         _fail(f"pushing to {grafana} failed: {type(exc).__name__}: {exc}")
     console.print(f"pushed {result['dashboards']} dashboards and {result['alert_rules']} alert rules to {grafana}")

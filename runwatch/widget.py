@@ -288,7 +288,9 @@ def _widget_class():
     """The anywidget class, made on first use (importing runwatch never imports ipywidgets)."""
     global _WIDGET_CLASS
     if _WIDGET_CLASS is None:
-        import anywidget
+        from .core.errors import require
+
+        anywidget = require("anywidget", "RunDetails(run) in a notebook", "notebook")
         import traitlets
 
         esm, css = front_end()

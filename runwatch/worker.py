@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from .core import kafka
+from .core.retry import retrying
 from .core.settings import Settings
 from .stack import write_json_atomic
 
@@ -44,7 +45,12 @@ def run(settings: Settings) -> None:
     if not bootstrap:
         raise SystemExit("runwatch worker: no broker address (set RUNWATCH_BOOTSTRAP_SERVERS or run `runwatch up`)")
     settings.home.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_retry(lambda: kafka.ensure_topics(settings, bootstrap)))
+    async def topics() -> None:
+        async for attempt in retrying(20):
+            with attempt:
+                await kafka.ensure_topics(settings, bootstrap)
+
+    asyncio.run(topics())
     asyncio.set_event_loop(asyncio.new_event_loop())
 
     if settings.worker_role not in ("all", "processors"):
@@ -178,11 +184,4 @@ def _quiet_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def _retry(fn, attempts: int = 20, delay: float = 0.25):
-    for i in range(attempts):
-        try:
-            return await fn()
-        except Exception:
-            if i == attempts - 1:
-                raise
-            await asyncio.sleep(delay)
+

@@ -17,8 +17,17 @@ import numpy as np
 import pyarrow as pa
 
 from runwatch.core.errors import FileError
-from runwatch.core.events import (Alert, DeadLetter, Envelope, FileStored, LogBatch, MetricAggregates, MetricBatch,
-                                  RunState, Transition)
+from runwatch.core.events import (
+    Alert,
+    DeadLetter,
+    Envelope,
+    FileStored,
+    LogBatch,
+    MetricAggregates,
+    MetricBatch,
+    RunState,
+    Transition,
+)
 from runwatch.core.names import safe_name
 from runwatch.core.states import ALL
 

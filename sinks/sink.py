@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runwatch.core import kafka
-from runwatch.core.events import Envelope, EventError, LogBatch, MetricBatch, RunState, decode
+from runwatch.core.events import (
+    Envelope,
+    EventError,
+    LogBatch,
+    MetricBatch,
+    RunState,
+    decode,
+)
+from runwatch.core.retry import Backoff
 from runwatch.core.seqs import Seen
 from runwatch.core.settings import Settings
 from runwatch.core.states import TERMINAL
@@ -252,7 +260,7 @@ class Sink:
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run_forever(self) -> None:
-        backoff = 0.5
+        backoff = Backoff()
         while True:
             try:
                 if self.consumer is None:
@@ -269,17 +277,16 @@ class Sink:
                     await self._run(self.checks.run_safely)
                 await self._update_lag()
                 self.error = None
-                backoff = 0.5
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker away, or a commit refused: start over from the commits
                 self.error = f"{type(exc).__name__}: {exc}"
                 self.stats.insert_retries += 1
-                log.warning("runwatch sink: %s; starting again from the committed offsets in %.1fs",
-                            self.error, backoff)
+                wait = backoff.next()
+                log.warning("runwatch sink: %s; starting again from the committed offsets in %.1fs", self.error, wait)
                 await self.stop()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(wait)
 
     async def _update_lag(self) -> None:
         try:
@@ -340,7 +347,7 @@ class Sink:
     async def _write(self, ready: _Prepared) -> None:
         """Write a prepared chunk until the store has it: transient errors are waited out; an error that is
         not transient is tried again as it is, then the chunk is written event by event."""
-        backoff, refusals = 0.5, 0
+        backoff, refusals = Backoff(), 0
         while True:
             try:
                 await self._run(lambda: self.store.write(ready.batch))
@@ -355,9 +362,9 @@ class Sink:
                                     "event", refusals, self.error)
                         ready = await self._run(lambda: self._isolate(ready))
                         continue
-                log.warning("runwatch sink: %s; writing the chunk again in %.1fs", self.error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                wait = backoff.next()
+                log.warning("runwatch sink: %s; writing the chunk again in %.1fs", self.error, wait)
+                await asyncio.sleep(wait)
         self.store.done()
         self._stored(ready)
 

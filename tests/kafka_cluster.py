@@ -301,3 +301,13 @@ def cluster(n: int, workdir: Path, **kwargs) -> "KafkaCluster | ExternalCluster"
     if os.environ.get("RUNWATCH_TEST_DOCKER"):
         return ExternalCluster(docker_bootstrap()).start()
     return KafkaCluster(n, workdir, **kwargs)
+
+
+if __name__ == "__main__":  # `./dev test` fetches the jars before any test starts: `python tests/kafka_cluster.py --fetch`
+    import sys
+
+    if sys.argv[1:] != ["--fetch"]:
+        raise SystemExit("usage: python tests/kafka_cluster.py --fetch")
+    if not (CACHE / ".complete").exists():
+        print(f"==> fetching Apache Kafka {KAFKA_VERSION}'s jars with Maven into {CACHE} (once per machine)", flush=True)
+    kafka_classpath()

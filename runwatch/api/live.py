@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runwatch.core.events import Envelope, EventError, MetricBatch, decode
+from runwatch.core.retry import Backoff
 from runwatch.core.settings import Settings
 
 log = logging.getLogger("runwatch.live")
@@ -86,17 +87,20 @@ class LiveTail:
 
     # -- the event loop's task ----------------------------------------------------------------
     async def run_forever(self) -> None:
+        backoff = Backoff(first=1.0, most=10.0)
         while True:
             try:
                 if not await self.step():
                     await asyncio.sleep(0.1)
+                backoff.reset()
             except asyncio.CancelledError:
                 await self.close()
                 raise
             except Exception as exc:  # the broker away: the reads show what is stored meanwhile
-                log.warning("runwatch live tail: %s: %s; again in 1 s", type(exc).__name__, exc)
+                wait = backoff.next()
+                log.warning("runwatch live tail: %s: %s; again in %.0f s", type(exc).__name__, exc, wait)
                 await self.close()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(wait)
 
     async def step(self) -> bool:
         """One fetch; False when there is nothing to do (no watched run, or the sink not ready yet)."""
