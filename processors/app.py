@@ -95,7 +95,7 @@ class Processors:
             store="memory://",
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            # DESIGN.md: Faust's defaults delay the first group join by ~30 s on the embedded broker
+            # docs/architecture.md, Dependencies: Faust's defaults delay the first group join by ~30 s on the embedded broker
             broker_rebalance_timeout=3.0,
             broker_session_timeout=6.0,
             broker_heartbeat_interval=1.0,

@@ -103,7 +103,7 @@ class RunStateLogic:
     @staticmethod
     def check_size(st: dict[str, Any], env: Envelope, limit: int) -> int | None:
         """The characters of the run's tags and properties once `env` is applied, or Rejected when that is more
-        than `limit`: the run's state travels as one message, and must never grow past one (DESIGN.md: no event
+        than `limit`: the run's state travels as one message, and must never grow past one (docs/architecture.md: no event
         crashes a stage). None for events that do not change them."""
         p = env.payload
         if not isinstance(p, (RunCreated, TagsSet, PropertiesSet)):

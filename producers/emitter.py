@@ -59,7 +59,7 @@ AFTER_HEADER = "X-Runwatch-After"
 #: Seconds without an acknowledgement after which the broker's identity is asked again before sending.
 IDLE_RECHECK = 2.0
 #: Seconds after which an event the store has not confirmed, though it caught up, is sent again (the
-#: processors may skip an event after a crash: DESIGN.md, Faust).
+#: processors may skip an event after a crash: docs/architecture.md, Dependencies).
 RESEND_AFTER = 20.0
 
 

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import msgpack
 
-from .spool import _LEN, Record
-
-SEGMENT_BYTES = 16 << 20
+from .spool import _LEN, Record, SegmentWriter
 
 
 @dataclass
@@ -45,8 +43,7 @@ class Retention:
         self._entries: dict[int, Entry] = {}
         self._next_id = 0
         self._live: dict[int, int] = {}  # segment -> entries in it not released
-        self._seg = 0
-        self._writer = None
+        self._w = SegmentWriter(self._path, 1)
         self._bytes = 0
         self._lock_fh = None
         #: events released before the store confirmed them (the bound was hit): a broker crash now would lose them
@@ -74,23 +71,16 @@ class Retention:
     def add(self, rec: Record, topic: str, seq: int, incarnation: str) -> None:
         self._open()
         data = rec.pack()
-        if self._writer is None or self._writer.tell() >= SEGMENT_BYTES:
-            if self._writer is not None:
-                self._writer.close()
-            self._seg += 1
-            self._writer = open(self._path(self._seg), "ab", buffering=0)
-        pos = self._writer.tell()
         try:
-            self._writer.write(data)
+            seg, pos = self._w.write(data)
         except OSError:  # the disk refuses: the event is not kept for a resend, and that is counted
-            self._writer.truncate(pos)
             self.released_unconfirmed += 1
             self.released_unconfirmed_points += rec.points
             return
-        self._entries[self._next_id] = Entry(rec.run_id, topic, seq, rec.points, self._seg, pos, len(data),
+        self._entries[self._next_id] = Entry(rec.run_id, topic, seq, rec.points, seg, pos, len(data),
                                              incarnation, time.monotonic())
         self._next_id += 1
-        self._live[self._seg] = self._live.get(self._seg, 0) + 1
+        self._live[seg] = self._live.get(seg, 0) + 1
         self._bytes += len(data)
         while self._bytes > self.max_bytes and self._entries:  # the oldest go first, counted
             eid = next(iter(self._entries))
@@ -141,20 +131,18 @@ class Retention:
         left = self._live[e.seg] = self._live[e.seg] - 1
         if left == 0:
             del self._live[e.seg]
-            if e.seg != self._seg:
+            if e.seg != self._w.seg:
                 self._path(e.seg).unlink(missing_ok=True)
 
     def close(self) -> None:
         """What is confirmed goes; what is not stays as a spool for the worker to send."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._w.close()
         if self._lock_fh is None:
             return
         if not self._entries:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
-            for seg in {p for p in range(1, self._seg + 1)} - set(self._live):
+            for seg in {p for p in range(1, self._w.seg + 1)} - set(self._live):
                 self._path(seg).unlink(missing_ok=True)
         self._lock_fh.close()
         self._lock_fh = None

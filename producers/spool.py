@@ -37,6 +37,49 @@ class Record:
         return _LEN.pack(len(body)) + body
 
 
+class SegmentWriter:
+    """Appends records to numbered segment files (`path_of(n)`), straight to the file: unbuffered, so a full
+    disk fails the write of that record (and it is refused and counted) instead of a later buffer flush losing
+    records already counted as kept. A record cut short by the disk filling is cut off again, so the segment
+    stays readable. The spool and the producers' retention (producers/retain.py) write this way."""
+
+    def __init__(self, path_of, seg: int):
+        self.path_of = path_of
+        self.seg = seg
+        self.fh = None
+
+    def write(self, data: bytes) -> tuple[int, int]:
+        """Write one record; return (segment, position) where it starts. OSError when the disk refuses it."""
+        if self.fh is not None and self.fh.tell() >= SEGMENT_BYTES:
+            self.fh.close()
+            self.fh = None
+            self.seg += 1
+        if self.fh is None:
+            self.fh = open(self.path_of(self.seg), "ab", buffering=0)
+        start = self.fh.tell()
+        try:
+            written = self.fh.write(data)
+            if written != len(data):
+                raise OSError(28, f"short write ({written} of {len(data)} bytes)")
+        except OSError:
+            try:
+                self.fh.truncate(start)
+            except OSError:
+                pass
+            raise
+        return self.seg, start
+
+    def next_segment(self) -> None:
+        """Start a fresh segment with the next write."""
+        self.close()
+        self.seg += 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
 class Spool:
     """One process's spool: a directory of numbered segment files read oldest first.
 
@@ -50,8 +93,7 @@ class Spool:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
         self._lock_fh = None
-        self._writer = None
-        self._write_seg = 0
+        self._w = SegmentWriter(self._seg_path, 0)
         self._read_seg = 0
         self._read_pos = 0
         self._bytes = 0
@@ -69,7 +111,7 @@ class Spool:
         segs = self._segments()
         self._bytes = sum(p.stat().st_size for p in segs)
         self._read_seg = int(segs[0].stem) if segs else 1
-        self._write_seg = int(segs[-1].stem) if segs else 1
+        self._w.seg = int(segs[-1].stem) if segs else 1
         self._opened = True
 
     @classmethod
@@ -114,39 +156,20 @@ class Spool:
         return refused
 
     def _write(self, data: bytes) -> None:
-        """One record, straight to the file: unbuffered, so a full disk fails this record's write (and it
-        is refused and counted) instead of a later buffer flush losing records already counted as kept.
-        A record cut short by the disk filling is cut off again, so the segment stays readable."""
-        if self._writer is None or self._writer.tell() >= SEGMENT_BYTES:
-            if self._writer is not None:
-                self._writer.close()
-                self._write_seg += 1
-            self._writer = open(self._seg_path(self._write_seg), "ab", buffering=0)
-        start = self._writer.tell()
-        try:
-            written = self._writer.write(data)
-            if written != len(data):
-                raise OSError(28, f"short write to the spool ({written} of {len(data)} bytes)")
-        except OSError:
-            try:
-                self._writer.truncate(start)
-            except OSError:
-                pass
-            raise
+        self._w.write(data)
         self._bytes += len(data)
 
     # -- reading -------------------------------------------------------------------
     def peek(self, max_records: int = 500) -> tuple[list[Record], tuple[int, int]]:
         """The oldest unsent records, and a cursor to pass to `consume` once they are acked."""
         self._open()
-        if self._writer is not None:
-            self._writer.flush()
+
         out: list[Record] = []
         seg, pos = self._read_seg, self._read_pos
         while len(out) < max_records:
             path = self._seg_path(seg)
             if not path.exists():
-                if seg < self._write_seg:
+                if seg < self._w.seg:
                     seg, pos = seg + 1, 0
                     continue
                 break
@@ -162,7 +185,7 @@ class Spool:
                         break
                     out.append(Record(*msgpack.unpackb(body, raw=False)[:7]))
                     pos += 4 + n
-            if len(out) >= max_records or seg >= self._write_seg:
+            if len(out) >= max_records or seg >= self._w.seg:
                 break
             seg, pos = seg + 1, 0
         return out, (seg, pos)
@@ -179,22 +202,17 @@ class Spool:
                 pass
         self._read_seg, self._read_pos = seg, pos
         path = self._seg_path(seg)
-        if seg == self._write_seg and path.exists() and pos >= path.stat().st_size:
+        if seg == self._w.seg and path.exists() and pos >= path.stat().st_size:
             # the writer's segment was read whole: start a fresh one
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+            self._w.next_segment()
             self._bytes -= path.stat().st_size
             path.unlink()
-            self._write_seg += 1
-            self._read_seg, self._read_pos = self._write_seg, 0
+            self._read_seg, self._read_pos = self._w.seg, 0
         if self._bytes <= 0:
             self._bytes = 0
 
     def close(self, *, remove_if_empty: bool = True) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._w.close()
         if self._opened and remove_if_empty and self._bytes == 0:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self._lock_fh is not None:

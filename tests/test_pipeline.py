@@ -297,7 +297,7 @@ def test_worker_killed_mid_stream_loses_nothing(broker, tmp_path, monkeypatch):
             # and so it is in ClickHouse, not only in the read API's live tail
             assert wait_until(lambda: w2.get(f"/api/runs/{run.id}/metrics", name="x", stored="true").get("x") == values,
                               30, what="every point stored")
-            # after a SIGKILL Faust may skip batches (DESIGN.md: at least once with possible skips); once the
+            # after a SIGKILL Faust may skip batches (docs/architecture.md, Dependencies: at least once with possible skips); once the
             # run has finished, the sink checks the aggregates against the stored points and recomputes a shortfall
             agg = wait_until(lambda: (a := w2.get(f"/api/runs/{run.id}/aggregates").get("x")) and a["count"] == total
                              and a, 30, what="the aggregate complete")

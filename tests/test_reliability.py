@@ -1,4 +1,4 @@
-"""DESIGN.md's guarantees on Apache Kafka: faults, bad input, security, scale-out.
+"""The guarantees (docs/architecture.md) on Apache Kafka: faults, bad input, security, scale-out.
 
 Each fault test sends numbered points (value = step) from a real training process, injects the
 fault, and compares what was sent with what the read API gives back: missing = sent − distinct
@@ -273,7 +273,7 @@ def test_worker_killed_mid_stream(kafka1, tmp_path):
         t0 = time.monotonic()
         worker.start(90)
         fig = delivered(worker, trainer, 30_000, t0)
-        # DESIGN.md: Faust is at least once *with possible skips*. The raw points are the guarantee; once the
+        # docs/architecture.md, Dependencies: Faust is at least once *with possible skips*. The raw points are the guarantee; once the
         # run has finished, the sink checks its running aggregates against them and recomputes a shortfall
         aggs = wait_until(lambda: (a := worker.get(f"/api/runs/{trainer.run_id}/aggregates")["x"])["count"] == 30_000
                           and a, 60, what="the run's aggregates complete")

@@ -287,7 +287,7 @@ class Settings:
             return True
         if self.idempotence in ("false", "off", "0"):
             return False
-        # auto: the embedded broker answers InitProducerId with an error (DESIGN.md, Tansu)
+        # auto: the embedded broker answers InitProducerId with an error (docs/architecture.md, Dependencies)
         return self.resolved_broker_kind() != "tansu"
 
     def resolved_broker_kind(self) -> str:
