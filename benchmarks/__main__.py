@@ -22,9 +22,11 @@ console = Console()
 RESULTS: list[dict] = []
 
 
-def record(name: str, value: float, unit: str, goal: str = "", note: str = "") -> None:
-    RESULTS.append({"name": name, "value": value, "unit": unit, "goal": goal, "note": note})
-    console.print(f"  [bold]{name}[/bold]: {value:,.3f} {unit}" + (f"   (goal {goal})" if goal else "")
+def record(name: str, value: float, unit: str, goal: str = "", note: str = "", met: bool | None = None) -> None:
+    """One figure; `met` is the verdict on its goal, from the figures themselves (None: no goal to judge)."""
+    RESULTS.append({"name": name, "value": value, "unit": unit, "goal": goal, "note": note, "met": met})
+    verdict = "" if met is None else ("  [green]✔ met[/green]" if met else "  [red]✘ not met[/red]")
+    console.print(f"  [bold]{name}[/bold]: {value:,.3f} {unit}" + (f"   (goal {goal})" if goal else "") + verdict
                   + (f"  — {note}" if note else ""), highlight=False)
 
 
@@ -800,7 +802,8 @@ def _bytes_per_point(w) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 16)")
-    ap.add_argument("--only", choices=["sdk", "pipeline", "submit", "files", "dashboards", "mlflow", "training"],
+    ap.add_argument("--only", choices=["sdk", "pipeline", "burst", "restart", "submit", "files", "dashboards", "mlflow",
+                                       "training"],
                     help="run one group (mlflow includes training)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the 4-process ingest with py-spy instead (flame graphs in benchmarks/results/profiles/)")
@@ -827,6 +830,14 @@ def main() -> int:
             bench_sdk(args.quick, broker.bootstrap, tmp)
         if args.only in (None, "pipeline"):
             bench_pipeline(args.quick, broker, tmp)
+        if args.only in (None, "burst"):
+            from benchmarks.burst import bench_burst
+
+            bench_burst(args.quick, tmp, record)
+        if args.only in (None, "restart"):
+            from benchmarks.burst import bench_restart
+
+            bench_restart(args.quick, tmp, record)
         if args.only in (None, "submit"):
             bench_submit(args.quick, broker, tmp)
         if args.only in (None, "files"):
@@ -850,7 +861,9 @@ def main() -> int:
     (out / "latest.json").write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=2))
     lines = [f"Run {meta['when']}, {meta['cpus']} CPUs, quick={args.quick}", "",
              "| figure | value | unit | goal | note |", "|---|---:|---|---|---|"]
-    lines += [f"| {r['name']} | {r['value']:,.3f} | {r['unit']} | {r['goal']} | {r['note']} |" for r in RESULTS]
+    lines[-2:] = ["| figure | value | unit | goal | verdict | note |", "|---|---:|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['value']:,.3f} | {r['unit']} | {r['goal']} | "
+              f"{'' if r.get('met') is None else ('met' if r['met'] else 'NOT met')} | {r['note']} |" for r in RESULTS]
     (out / "latest.md").write_text("\n".join(lines) + "\n")
     console.print(f"\nwritten: {out / 'latest.json'} and {out / 'latest.md'}")
     return 0

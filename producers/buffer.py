@@ -85,6 +85,9 @@ class Buffer:
         #: points that wake the background thread early
         self.batch_max = batch_max
         self.hot_max = max(hot_max, batch_max)
+        #: the hot list's length at which log() calls `Emitter.full` next: `batch_max` (wake the thread), then
+        #: `hot_max` (turn the points into columns); back to `batch_max` when the list is swapped out
+        self.mark = batch_max
         self.max_bytes = max_bytes
         self._drop = drop  # (gidx of the first point dropped, points) -> counted on its run
         self._lock = threading.Lock()
@@ -175,6 +178,7 @@ class Buffer:
         """Swap the hot lists out (with the lock held) and empty them, late appends included."""
         swapped = [(False, self.num), (True, self.text)]
         self.num, self.text = [], []
+        self.mark = self.batch_max
         text_bytes, self.text_bytes = self.text_bytes, 0
         late: list[list] = [[], []]
         keep = []

@@ -18,6 +18,7 @@ import atexit
 import collections
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -133,6 +134,8 @@ class Emitter:
         self._retain = not offline and settings.resolved_broker_kind() == "tansu" and settings.retain_max_bytes > 0
         self._warned_identity = False
         self._confirmable = False
+        self._api = None
+        self._saved_switch: float | None = None
         #: the read API answered the last question about what is stored
         self._api_answers = False
 
@@ -149,11 +152,27 @@ class Emitter:
         self.ensure_started()
         buf = self.buffer
         num = buf.num
-        if len(num) + len(buf.text) >= buf.hot_max or buf.nbytes > buf.max_bytes:
+        if len(num) >= buf.hot_max:  # the thread is behind: columns, and the memory bound
             buf.full()
-        if self._woken_for is not num:  # once per list: every log() after the mark would otherwise write
-            self._woken_for = num       # to the loop's self-pipe (a system call) until the thread swaps it
+        elif self._woken_for is not num:  # once per list: every log() after the mark would otherwise write
+            self._woken_for = num         # to the loop's self-pipe (a system call) until the thread swaps it
+            buf.mark = buf.hot_max        # and call this again only when the list reaches the next mark
+            self._boost()
             self.wake()
+
+    def _boost(self) -> None:
+        """The training thread logs faster than a flush carries: let the background thread have the GIL back
+        soon after it waited (the interpreter's default 5 ms let a logging loop keep it while events piled up
+        in memory; docs/performance.md). Undone once a flush finds the buffer small again."""
+        boost = self.settings.boost_switch_interval
+        if boost > 0 and self._saved_switch is None and sys.getswitchinterval() > boost:
+            self._saved_switch = sys.getswitchinterval()
+            sys.setswitchinterval(boost)
+
+    def _unboost(self) -> None:
+        if self._saved_switch is not None and sys.getswitchinterval() == self.settings.boost_switch_interval:
+            sys.setswitchinterval(self._saved_switch)
+        self._saved_switch = None
 
     def added(self, wake: bool) -> None:
         """A slower path added points (strings, rows, columns): start the thread, and wake it if asked."""
@@ -371,6 +390,10 @@ class Emitter:
         chunks = self.buffer.take()
         st = self.stats
         st.compactions, st.compact_seconds = self.buffer.compactions, self.buffer.compact_seconds
+        taken = sum(len(c) for c in chunks)
+        if self._saved_switch is not None and taken < self.buffer.batch_max and not self._spooling \
+                and self._outbox_bytes < SEND_GROUP_BYTES:
+            self._unboost()
         if not chunks:
             return
         # a few chunks at a time, so that the sender (and the network) run between them
@@ -498,7 +521,8 @@ class Emitter:
                 log.exception("runwatch: error sending (training is not affected)")
             finally:
                 self._sending = False
-                self._wake_async.set()  # the packer looks at what is left (and at closing)
+                if self._closing or self._flush_requests:
+                    self._wake_async.set()  # the packer looks at what is left
 
     async def _send(self) -> None:
         if self.offline:
@@ -615,11 +639,13 @@ class Emitter:
         runs = ret.runs()
         if not runs:
             return
-        from runwatch.core.client import aget
+        from runwatch.core.client import AsyncApi
         from runwatch.core.errors import RunwatchError
 
+        if self._api is None:
+            self._api = AsyncApi(self.settings)
         try:
-            answer = await aget(self.settings, f"/api/sources/{this_source().key}/stored", run=runs)
+            answer = await self._api.get(f"/api/sources/{this_source().key}/stored", run=runs)
         except (RunwatchError, OSError):
             self._api_answers = False
             return  # the read API away for a moment: ask again later

@@ -129,7 +129,6 @@ class Run:
     def _reset_caches(self) -> None:
         self._em: Emitter = get_emitter(self._settings, offline=self._offline)
         self._buffer = self._em.buffer
-        self._batch_max = self._buffer.batch_max
         self._fast: dict[str, tuple[int, Any]] = {}
         self._entries: dict[tuple, int] = {}
         self._counters: dict[tuple[str, str], Any] = getattr(self, "_counters", {})
@@ -147,9 +146,10 @@ class Run:
         if step is None and type(value) is float:
             e = self._fast.get(name)
             if e is not None:
-                num = self._buffer.num
+                buf = self._buffer
+                num = buf.num
                 num.append((e[0], next(e[1]), _time(), value))
-                if len(num) >= self._batch_max:
+                if len(num) >= buf.mark:
                     self._em.full()
                 return
         self._log_slow(name, value, step)

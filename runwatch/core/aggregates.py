@@ -37,31 +37,32 @@ def aggregate(keys: list[str], kinds: list[str], key_id: np.ndarray, step: np.nd
               seq: np.ndarray, value: np.ndarray, text: list[str | None] | None = None) -> dict[str, list[Any]]:
     """Aggregates of a set of points, one row per key. `key_id[i]` indexes `keys` (and `kinds`); `text[i]` is
     the text of a string point (its value NaN), None for a number; `text` None: no string points."""
-    out: dict[str, list[Any]] = {}
     n = len(key_id)
     if not n:
-        return out
-    order = np.lexsort((step, seq, ts, key_id))  # by key, then (time, seq, step)
+        return {}
+    order = np.lexsort((step, seq, ts, key_id))  # by key, then (time, seq, step): ~30 ns a point
     sk = key_id[order]
     starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    ends = np.r_[starts[1:], n]
+    firsts, lasts = order[starts], order[np.r_[starts[1:], n] - 1]
     v = value[order]
     with np.errstate(invalid="ignore"):
         mins = np.fmin.reduceat(v, starts)
         maxs = np.fmax.reduceat(v, starts)
-    is_text = None if text is None else np.fromiter((t is not None for t in text), bool, n)[order]
-    for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+    counts = np.diff(np.r_[starts, n])
+    out: dict[str, list[Any]] = {}
+    for j, s in enumerate(starts.tolist()):
         k = int(sk[s])
-        fp, lp = int(order[s]), int(order[e - 1])
-        row = [e - s, float(mins[j]), float(maxs[j]), float(value[fp]), float(value[lp]), int(step[lp]), int(ts[lp]),
-               None, kinds[k], int(ts[fp]), int(seq[fp]), int(step[fp]), int(seq[lp]), None, None, None]
-        if is_text is not None:
-            hits = np.flatnonzero(is_text[s:e])
-            if len(hits):
-                tp = int(order[s + int(hits[-1])])
-                row[LAST_TEXT], row[TEXT_TS], row[TEXT_SEQ], row[TEXT_STEP] = (
-                    text[tp], int(ts[tp]), int(seq[tp]), int(step[tp]))
-        out[keys[k]] = row
+        fp, lp = int(firsts[j]), int(lasts[j])
+        out[keys[k]] = [int(counts[j]), float(mins[j]), float(maxs[j]), float(value[fp]), float(value[lp]),
+                        int(step[lp]), int(ts[lp]), None, kinds[k], int(ts[fp]), int(seq[fp]), int(step[fp]),
+                        int(seq[lp]), None, None, None]
+    if text is not None:  # the last text of each key, among the (few) string points, in the same order
+        pos = [i for i, t in enumerate(text) if t is not None]
+        if pos:
+            idx = np.array(pos)
+            for i in idx[np.lexsort((step[idx], seq[idx], ts[idx], key_id[idx]))].tolist():
+                row = out[keys[int(key_id[i])]]  # later points of a key overwrite earlier ones
+                row[LAST_TEXT], row[TEXT_TS], row[TEXT_SEQ], row[TEXT_STEP] = text[i], int(ts[i]), int(seq[i]), int(step[i])
     return out
 
 

@@ -44,6 +44,10 @@ class Settings:
     #: training process's background thread ~1 ms of CPU whatever it carries (measured on a busy core,
     #: docs/performance.md): 0.2 s instead of 0.1 halves what a slowly logging run pays.
     flush_interval: float = 0.2
+    #: The interpreter's thread switch interval (seconds) while a process logs faster than its background thread
+    #: sends: that thread then gets the GIL back soon after each wait for the network (the default 5 ms let a
+    #: logging loop keep it while events piled up in memory). Restored when the buffer is small again; 0: never.
+    boost_switch_interval: float = 0.0005
     #: Points in the hot buffer that wake the background thread early.
     batch_max_points: int = 50_000
     #: Hot points (about 128 bytes each as Python tuples) past which the logging thread turns them into numpy
