@@ -19,6 +19,7 @@ from runwatch.core.events import (
     RunCreated,
     RunState,
     RunStatus,
+    RunUpdated,
     StatusChanged,
     TagsSet,
     Transition,
@@ -131,7 +132,7 @@ class RunStateLogic:
             "run_type": "interactive", "compute_target": "local", "status": None, "created_ts": None,
             "start_ts": None, "end_ts": None, "properties": {}, "tags": {}, "error": None,
             "last_heartbeat": None, "last_seen": None, "not_responding_since": None, "dropped_points": 0,
-            "illegal_transitions": 0, "version": 0, "seen": {},
+            "illegal_transitions": 0, "version": 0, "seen": {}, "description": None,
         }
 
     def handle(self, env: Envelope, st: dict[str, Any], now: float | None = None,
@@ -173,6 +174,13 @@ class RunStateLogic:
             out += self._move(env, st, p.status, p.error, at=env.ts, tails=tails)
         elif isinstance(p, TagsSet):
             st["tags"].update(p.tags)
+            for k in p.removed:
+                st["tags"].pop(k, None)
+        elif isinstance(p, RunUpdated):
+            if p.display_name is not None:
+                st["display_name"] = p.display_name
+            if p.description is not None:
+                st["description"] = p.description
         elif isinstance(p, PropertiesSet):
             for k, v in p.properties.items():  # immutable: the first value stays
                 st["properties"].setdefault(k, v)

@@ -37,6 +37,7 @@ class Written:
     compute_target: str
     display_name: str | None
     created_ts: float
+    description: str | None = None
     #: set here (None: this process never set it; its launcher or another process owns it)
     status: str | None = None
     status_ts: float | None = None
@@ -46,12 +47,15 @@ class Written:
     properties: dict[str, str] = field(default_factory=dict)
     #: created here (not merely reopened): a store without it has not caught up yet
     created_here: bool = True
+    #: the seq of this process's last write of the run that a stored record was seen to hold (-1: none yet)
+    stored_seq: int = -1
 
     def row(self) -> dict[str, Any]:
         """The run as the read API would give it, from what this process wrote."""
         start = _iso(self.created_ts)
         end = _iso(self.status_ts) if self.status in TERMINAL else None
         return {"run_id": self.run_id, "experiment": self.experiment, "display_name": self.display_name,
+                "description": self.description,
                 "parent_run_id": self.parent_run_id, "run_type": self.run_type, "compute_target": self.compute_target,
                 "status": self.status or "NotStarted", "created_time": start, "start_time": start, "end_time": end,
                 "duration_s": (self.status_ts - self.created_ts) if end else None,
@@ -92,7 +96,10 @@ def stored_has(row: dict[str, Any] | None, source: str, seq: int) -> bool:
 
 def overlay(row: dict[str, Any] | None, w: Written | None, source: str, last_seq: int) -> dict[str, Any] | None:
     """The stored record of a run, with this process's writes laid over it while the store lacks them."""
-    if w is None or stored_has(row, source, last_seq):
+    if w is None:
+        return row
+    if stored_has(row, source, last_seq):
+        w.stored_seq = max(w.stored_seq, last_seq)
         return row
     if row is None and not w.created_here:
         return None
@@ -101,6 +108,8 @@ def overlay(row: dict[str, Any] | None, w: Written | None, source: str, last_seq
     merged["properties"] = {**w.properties, **(merged.get("properties") or {})}
     if w.display_name is not None:
         merged["display_name"] = w.display_name
+    if w.description is not None:
+        merged["description"] = w.description
     if w.status is not None and merged.get("status") not in TERMINAL:
         merged["status"] = w.status
         if w.error is not None:
@@ -108,6 +117,12 @@ def overlay(row: dict[str, Any] | None, w: Written | None, source: str, last_seq
         if w.status in TERMINAL and not merged.get("end_time"):
             merged["end_time"] = _iso(w.status_ts)
     return merged
+
+
+def unconfirmed(mine: list[Written], last_seq) -> list[Written]:
+    """The runs among `mine` whose last write (`last_seq(run_id)`) no stored record was seen to hold yet:
+    only these need to be looked up and laid over; the others the store answers for alone."""
+    return [w for w in mine if w.stored_seq < last_seq(w.run_id)]
 
 
 def local_rows(experiment: str | None = None, parent: str | None = None) -> list[Written]:
@@ -136,4 +151,4 @@ def now() -> float:
     return time.time()
 
 
-__all__ = ["Written", "remember", "written", "overlay", "local_rows", "matches", "stored_has"]
+__all__ = ["Written", "remember", "written", "overlay", "local_rows", "unconfirmed", "matches", "stored_has"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import io
 import itertools
 import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 
 from runwatch.core import names
 from runwatch.core.client import ApiClient, run_path
-from runwatch.core.errors import FileError, NotFound, RunwatchError
+from runwatch.core.errors import FileError, NotApplicable, NotFound, RunwatchError
 from runwatch.core.events import (
     DType,
     Heartbeat,
@@ -27,13 +29,14 @@ from runwatch.core.events import (
     PropertiesSet,
     RunCreated,
     RunStatus,
+    RunUpdated,
     StatusChanged,
     TagsSet,
     this_source,
 )
 from runwatch.core.names import SCRIPT_RUN, new_run_id
 from runwatch.core.settings import Settings
-from runwatch.core.states import TERMINAL
+from runwatch.core.states import ACTIVE, ALL, TERMINAL
 
 from . import local
 from . import values as V
@@ -44,6 +47,8 @@ from .values import MetricError, MetricTypeError
 log = logging.getLogger("runwatch")
 _time = time.time
 _FLOAT, _STR = DType.float, DType.str
+#: Run ids a lookup of this process's runs sends at once (each up to ~60 characters in the URL).
+LOOKUP_CHUNK = 100
 _EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -55,7 +60,8 @@ class Run:
         self.id = run_id
         self._settings = experiment.workspace.settings
         self._offline = bool(kwargs.pop("_offline", False))
-        self.display_name = kwargs.pop("display_name", None)
+        self._display_name = kwargs.pop("display_name", None)
+        self._description: str | None = kwargs.pop("description", None)
         self.parent_id: str | None = kwargs.pop("parent_id", None)
         self.run_type = kwargs.pop("run_type", "interactive")
         self._status = kwargs.pop("status", None)
@@ -86,6 +92,7 @@ class Run:
                   run_type=run_type, status=status.value, _offline=offline, _fetch=False)
         limits = V.Limits(experiment.workspace.settings)
         props = limits.properties(properties or {})
+        props.setdefault(names.USER_PROPERTY, _user())
         tag_map = limits.tags(tags or {})
         if display_name is not None:
             V.check_name(display_name, "display_name", limits.name, "display_name")
@@ -194,7 +201,8 @@ class Run:
         self._claim(name, MetricKind.row, "run.log_row")
         for col in cols:
             V.check_name(col, "run.log_row", self._settings.max_name_length, "column name")
-        self._row_columns.setdefault(name, cols)
+        if known is None:
+            self._record_columns(name, cols)
         step = next(self._counter(name, MetricKind.row))
         t = _time()
         buf = self._buffer
@@ -213,12 +221,25 @@ class Run:
             raise MetricError(f"run.log_table: table {name!r} has columns {list(known)}; these are {list(cols)}")
         self._claim(name, MetricKind.table, "run.log_table")
         prepared = [self._column(name, MetricKind.table, col, vals, "run.log_table") for col, vals in cols.items()]
-        self._row_columns.setdefault(name, tuple(cols))
+        if known is None:
+            self._record_columns(name, tuple(cols))
         start = _reserve_steps(self._counter(name, MetricKind.table), len(next(iter(cols.values()))))
         for p in prepared:
             self._append_column(p, start)
 
     # -- metrics: helpers -------------------------------------------------------------------
+    def _record_columns(self, name: str, cols: tuple[str, ...]) -> None:
+        """A table's columns in their logged order, kept as a run property (names.columns_property): reads
+        give them in this order, as Azure does. runwatch's own property: it does not count against the
+        run's limits of tags and properties."""
+        self._row_columns[name] = cols
+        key = names.columns_property(name)
+        if key not in self._properties:
+            value = json.dumps(list(cols), ensure_ascii=False)
+            self._properties[key] = value
+            self._written().properties[key] = value
+            self._emit(PropertiesSet(properties={key: value}))
+
     def _claim(self, name: str, kind: MetricKind, call: str) -> None:
         known = self._kind_of.get(name)
         if known is kind:
@@ -521,7 +542,8 @@ class Run:
         return self._record()
 
     def _apply_details(self, d: Mapping[str, Any]) -> None:
-        self.display_name = d.get("display_name") or self.display_name
+        self._display_name = d.get("display_name") or self._display_name
+        self._description = d.get("description") or self._description
         self.parent_id = d.get("parent_run_id") or self.parent_id
         self.run_type = d.get("run_type") or self.run_type
         self._status = d.get("status") or self._status
@@ -538,18 +560,49 @@ class Run:
         return self._status
 
     def get_details(self) -> dict[str, Any]:
+        """The run's details in Azure ML's shape (docs/azureml.md lists each key), and runwatch's own few."""
         d = self._record(gaps="true")
         self._apply_details(d)
-        return {
+        props = d.get("properties") or {}
+        out = {
             "runId": d["run_id"], "experiment": d["experiment"], "status": d["status"],
-            "displayName": d.get("display_name"), "parentRunId": d.get("parent_run_id"),
+            "displayName": d.get("display_name"), "description": d.get("description"),
+            "parentRunId": d.get("parent_run_id"), "target": d.get("compute_target"),
             "startTimeUtc": d.get("start_time"), "endTimeUtc": d.get("end_time"),
-            "durationSeconds": d.get("duration_s"), "properties": d.get("properties", {}),
-            "tags": d.get("tags", {}), "error": d.get("error"), "target": d.get("compute_target"),
-            "runType": d.get("run_type"), "droppedPoints": d.get("dropped_points", 0),
+            "durationSeconds": d.get("duration_s"),
+            "properties": {k: v for k, v in props.items() if not k.startswith(names.INTERNAL_PREFIX)},
+            "tags": d.get("tags", {}), "error": d.get("error"), "runType": d.get("run_type"),
+            "inputDatasets": [], "outputDatasets": [], "submittedBy": props.get(names.USER_PROPERTY),
+            "runDefinition": _run_definition(props, d.get("compute_target")),
+            "logFiles": {f: self._settings_url(f) for f in self._log_file_names()},
+            "droppedPoints": d.get("dropped_points", 0),
             # events this run's processes numbered that never reached the store (docs/reliability.md)
             "missingEvents": sum((d.get("missing_events") or {}).values()),
         }
+        if d["status"] not in TERMINAL:
+            del out["endTimeUtc"]  # as in Azure: a run that is not over has no end time
+        return out
+
+    def _file_list(self) -> list[dict[str, Any]]:
+        """The run's files as the read API lists them; none yet for a run of this process not stored yet."""
+        try:
+            return self._api().get(run_path(self.id, "files"))
+        except NotFound:
+            w = local.written(self.id)
+            if w is not None and w.created_here:
+                return []
+            raise
+
+    def _log_file_names(self) -> list[str]:
+        names_ = [f["name"] for f in self._file_list() if f["kind"] == "log"]
+        for rank in range(int((self._properties or {}).get(names.PROCESSES_PROPERTY) or 0)):
+            if names.driver_log(rank) not in names_:  # a process that printed nothing still has its log
+                names_.append(names.driver_log(rank))
+        return sorted(names_)
+
+    def _settings_url(self, name: str) -> str:
+        base = self._settings.resolved_api_url() or ""
+        return base.rstrip("/") + run_path(self.id, "files", name)
 
     def get_tags(self) -> dict[str, str | None]:
         return dict(self._record()["tags"])
@@ -559,17 +612,41 @@ class Run:
 
     def get_metrics(self, name: str | None = None, recursive: bool = False, run_type: str | None = None,
                     populate: bool = False) -> dict[str, Any]:
-        """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds children by id.
-        Every point this process logged before the call is in it (the read API waits for them, bounded)."""
+        """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds descendants by
+        id (`run_type`: only those of that type). Every point this process logged before the call is in it
+        (the read API waits for them, bounded). `populate` is accepted and changes nothing (no metric here
+        refers to external data)."""
         runs = [self.id] + ([w.run_id for w in _descendants(self.id)] if recursive else [])
-        return self._api().get(run_path(self.id, "metrics"), name=name, recursive=str(bool(recursive)).lower(),
-                               headers=self._em.metrics_token(runs))
+        try:
+            got = self._api().get(run_path(self.id, "metrics"), name=name, recursive=str(bool(recursive)).lower(),
+                                  headers=self._em.metrics_token(runs))
+        except NotFound:
+            w = local.written(self.id)
+            if w is None or not w.created_here:
+                raise
+            got = {rid: {} for rid in runs} if recursive else {}  # started here, nothing logged, not stored yet
+        if recursive:  # descendants started here that the store does not list as children yet
+            for rid in runs:
+                if rid not in got:
+                    try:
+                        got[rid] = self._api().get(run_path(rid, "metrics"), name=name)
+                    except NotFound:
+                        got[rid] = {}
+        if recursive and run_type is not None:
+            keep = {self.id} | {r.id for r in self.get_children(recursive=True) if r.run_type == run_type}
+            got = {rid: m for rid, m in got.items() if rid in keep}
+        # tables this process logged: their columns in its order even before the store has the property
+        for rid, metrics in (got.items() if recursive else [(self.id, got)]):
+            w = local.written(rid)
+            if w is not None and isinstance(metrics, dict):
+                names.order_tables(metrics, w.properties)
+        return got
 
     def get_children(self, recursive: bool = False) -> list["Run"]:
         self._em.flush(10)
         rows = self._api().get(run_path(self.id, "children"), recursive=str(bool(recursive)).lower())
-        kids = _with_local(rows, [w for w in (_descendants(self.id) if recursive else local.local_rows(parent=self.id))],
-                           self._em)
+        mine = _descendants(self.id) if recursive else local.local_rows(parent=self.id)
+        kids = _with_local(rows, mine, self._em)
         return [self.experiment._run_from_row(r) for r in sorted(kids, key=lambda r: r.get("created_time") or "")]
 
     def get_portal_url(self) -> str:
@@ -587,22 +664,245 @@ class Run:
         return wait(self, show_output, raise_on_error, timeout, poll_interval)
 
     def get_details_with_logs(self) -> dict[str, Any]:
-        """get_details() plus "logFiles": the content of each of the run's log files."""
+        """get_details() with "logFiles" holding the content of each of the run's log files (a process that
+        printed nothing has its driver log, empty)."""
         details = self.get_details()
         api = self._api()
-        details["logFiles"] = {f["name"]: api.text(run_path(self.id, "files", f['name']))
-                               for f in api.get(run_path(self.id, "files")) if f["kind"] == "log"}
+        logs = {}
+        for name in details["logFiles"]:
+            try:
+                logs[name] = api.text(run_path(self.id, "files", name))
+            except NotFound:
+                logs[name] = ""
+        details["logFiles"] = logs
         return details
+
+    def get_all_logs(self, destination: str | os.PathLike | None = None) -> list[str]:
+        """Download every log file of the run under `destination` (default ./logs); return their paths."""
+        from .files import download, target_in
+
+        out = Path(destination) if destination is not None else Path.cwd() / "logs"
+        written = []
+        for name in self._log_file_names():
+            target = target_in(out, name)
+            try:
+                download(self._api(), self.id, name, target)
+            except NotFound:  # the driver log of a process that printed nothing
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("")
+            written.append(str(target))
+        return written
 
     def get_file_names(self) -> list[str]:
         """Every file of the run: its log files and the files stored for it."""
-        return [f["name"] for f in self._api().get(run_path(self.id, "files"))]
+        return [f["name"] for f in self._file_list()]
 
     def restore_snapshot(self, snapshot_id: str | None = None, path: str | os.PathLike | None = None) -> str:
-        """Write the snapshot of a submitted run's source directory as a zip; return its path."""
+        """Write the snapshot of a submitted run's source directory as a zip; return its path. `path` is the
+        directory it goes in (default: here), or the zip's own path when it ends in .zip."""
         from .files import fetch
 
-        return str(fetch(self._api(), run_path(self.id, "snapshot"), path, f"{self.id}-snapshot.zip")[0])
+        target = Path(path) if path is not None else Path.cwd()
+        if target.suffix.lower() != ".zip":
+            target.mkdir(parents=True, exist_ok=True)
+        try:
+            return str(fetch(self._api(), run_path(self.id, "snapshot"), target, f"{self.id}-snapshot.zip")[0])
+        except NotFound:
+            # submitted from this machine and not stored yet (its launcher stores it once it starts)
+            mine = self._settings.home / "runs" / self.id / "snapshot.zip"
+            if not mine.is_file():
+                raise
+            out = target if target.suffix.lower() == ".zip" else target / f"{self.id}-snapshot.zip"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mine, out)
+            return str(out)
+
+    # -- Azure ML's other names -------------------------------------------------------------------
+    @property
+    def display_name(self) -> str | None:
+        return self._display_name
+
+    @display_name.setter
+    def display_name(self, value: str | None) -> None:
+        V.check_name(value, "display_name", self._settings.max_tag_name_length, "display_name")
+        self._display_name = value
+        self._written().display_name = value
+        self._emit(RunUpdated(display_name=value))
+
+    @property
+    def description(self) -> str | None:
+        return self._description
+
+    @description.setter
+    def description(self, value: str | None) -> None:
+        if not isinstance(value, str):
+            raise MetricTypeError(f"description must be a string, not {type(value).__name__}")
+        if len(value) > self._settings.max_tag_value_length:
+            raise MetricError(f"description is {len(value):,} characters long; at most "
+                              f"{self._settings.max_tag_value_length:,} (setting max_tag_value_length)")
+        V.check_text(value, "description", "description")
+        self._description = value
+        self._written().description = value
+        self._emit(RunUpdated(description=value))
+
+    @property
+    def type(self) -> str:
+        """Azure's name of the run's type: azureml.scriptrun for a submitted run, interactive, ..."""
+        return self.run_type
+
+    @property
+    def name(self) -> str | None:
+        return self._display_name
+
+    @property
+    def parent(self) -> "Run | None":
+        return Run.get(self.experiment.workspace, self.parent_id) if self.parent_id else None
+
+    def remove_tags(self, tags: Iterable[str] | str) -> None:
+        """Remove these tags from the run (a name it does not have is ignored)."""
+        keys = [tags] if isinstance(tags, str) else list(tags)
+        for k in keys:
+            if not isinstance(k, str):
+                raise MetricTypeError(f"remove_tags: a tag name must be a string, not {type(k).__name__}")
+        gone = [k for k in keys if k in self._tags]
+        w = self._written()
+        for k in keys:
+            self._tags.pop(k, None)
+            w.tags.pop(k, None)
+            w.removed_tags.add(k)
+        self._chars = None
+        if gone or keys:
+            self._emit(TagsSet(tags={}, removed=keys))
+
+    def create_children(self, count: int | None = None, tag_key: str | None = None,
+                        tag_values: Iterable[str] | None = None) -> list["Run"]:
+        """Start several child runs at once: `count` of them, or one per value in `tag_values`, each tagged
+        `tag_key` = value (Azure ML's create_children)."""
+        if tag_values is not None:
+            values = [str(v) for v in tag_values]
+            if not tag_key:
+                raise MetricError("create_children: tag_values needs tag_key")
+            if count is not None and count != len(values):
+                raise MetricError(f"create_children: count is {count} but there are {len(values)} tag values")
+        else:
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise MetricError(f"create_children: count must be a positive integer, not {count!r}")
+            values = [None] * count
+        kids = []
+        for v in values:
+            rid = f"{self.id}_{next(self._child_count)}"
+            kids.append(Run._start(self.experiment, parent=self, run_id=rid, offline=self._offline,
+                                   tags={tag_key: v} if tag_key is not None and v is not None else None))
+        return kids
+
+    @staticmethod
+    def list(experiment: "Experiment", type: str | None = None, tags: Any = None, properties: Any = None,
+             status: str | None = None, include_children: bool = False) -> list["Run"]:
+        """The runs of an experiment, newest first, as Azure ML's Run.list filters them."""
+        return experiment.get_runs(type=type, tags=tags, properties=properties, include_children=include_children,
+                                   status=status)
+
+    @staticmethod
+    def list_by_compute(compute: Any, type: str | None = None, tags: Any = None, properties: Any = None,
+                        status: str | None = None, workspace: "Workspace | None" = None) -> list["Run"]:
+        """The runs on a compute target (its name, or an object with a `name`), newest first, of every
+        experiment; as Azure's, the active ones unless `status` says otherwise."""
+        ws = workspace or getattr(compute, "workspace", None) or Workspace.from_config()
+        target = compute if isinstance(compute, str) else getattr(compute, "name", None)
+        if not isinstance(target, str):
+            raise MetricError(f"list_by_compute: compute must be a compute target's name, not {type_name(compute)}")
+        params: dict[str, Any] = {"compute_target": target, "include_children": "true"}
+        params["status"] = [str(getattr(status, "value", status))] if status is not None else list(ACTIVE)
+        if type:
+            params["run_type"] = type
+        if tags is not None:
+            params["tag"] = V.filter_param(tags)
+        if properties is not None:
+            params["property"] = V.filter_param(properties)
+        rows = ws.read_api().get("/api/runs", **params)
+        return [Experiment(ws, r["experiment"])._run_from_row(r) for r in rows]
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """The run's properties as last read or written here (get_properties() reads them again)."""
+        return dict(self._properties)
+
+    @property
+    def tags(self) -> dict[str, str | None]:
+        """The run's tags as last read or written here (get_tags() reads them again)."""
+        return dict(self._tags)
+
+    def get_detailed_status(self) -> dict[str, Any]:
+        """The status, and for a Failed run its error (Azure's shape: {"status", "details"})."""
+        d = self._record()
+        self._apply_details(d)
+        err = d.get("error") or {}
+        return {"status": d["status"], "details": err.get("message") if isinstance(err, dict) else err}
+
+    def submit_child(self, config: Any, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> "Run":
+        """Submit a ScriptRunConfig as a child of this run (its launcher, logs and snapshot as submit's)."""
+        return self.experiment._submit(config, tags, parent=self, **kwargs)
+
+    def log_accuracy_table(self, name: str, value: Any, description: str = "") -> None:
+        """Azure's accuracy table (a dict or its JSON text), kept as a string metric holding its JSON."""
+        self._log_json("log_accuracy_table", name, value)
+
+    def log_confusion_matrix(self, name: str, value: Any, description: str = "") -> None:
+        """Azure's confusion matrix (a dict or its JSON text), kept as a string metric holding its JSON."""
+        self._log_json("log_confusion_matrix", name, value)
+
+    def log_predictions(self, name: str, value: Any, description: str = "") -> None:
+        """Azure's regression predictions (a dict or its JSON text), kept as a string metric holding its JSON."""
+        self._log_json("log_predictions", name, value)
+
+    def log_residuals(self, name: str, value: Any, description: str = "") -> None:
+        """Azure's regression residuals (a dict or its JSON text), kept as a string metric holding its JSON."""
+        self._log_json("log_residuals", name, value)
+
+    def _log_json(self, call: str, name: str, value: Any) -> None:
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                raise MetricError(f"run.{call}: {name!r}: the value is not JSON ({exc})") from None
+            text = value
+        else:
+            try:
+                text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise MetricTypeError(f"run.{call}: {name!r}: the value must be JSON ({exc})") from None
+        self.log(name, text)
+
+    def get_snapshot_id(self) -> str | None:
+        """A submitted run's snapshot id (the run's own id: one snapshot a run); None for other runs."""
+        return self.id if self.run_type == SCRIPT_RUN or names.SNAPSHOT_FILES_PROPERTY in self._properties else None
+
+    # Azure calls with no meaning here: a clear error at the call (docs/azureml.md says why, call by call)
+    def register_model(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotApplicable("Run.register_model", "runwatch has no model registry; upload the model with "
+                            "run.upload_file() or keep it under ./outputs, and tag the run")
+
+    def get_secret(self, name: str) -> Any:
+        raise NotApplicable("Run.get_secret", "there is no workspace key vault; read secrets from the environment "
+                            "(ScriptRunConfig.environment_variables)")
+
+    def get_secrets(self, secrets: Any) -> Any:
+        raise NotApplicable("Run.get_secrets", "there is no workspace key vault; read secrets from the environment")
+
+    def get_environment(self) -> Any:
+        raise NotApplicable("Run.get_environment", "a run uses the Python environment it was started in; there "
+                            "are no registered environments")
+
+    def _repr_html_(self) -> str:
+        """A notebook shows a table of the run with a link to it, as Azure ML's did."""
+        from html import escape
+
+        url = self.get_portal_url()
+        rows = [("Experiment", escape(self.experiment.name)), ("Id", escape(self.id)), ("Type", escape(self.run_type)),
+                ("Status", escape(str(self._status))),
+                ("Details Page", f'<a href="{escape(url)}" target="_blank" rel="noopener">Link to the run</a>')]
+        return ("<table style='width:100%'><tr>" + "".join(f"<th>{k}</th>" for k, _ in rows) + "</tr><tr>"
+                + "".join(f"<td>{v}</td>" for _, v in rows) + "</tr></table>")
 
     def __repr__(self) -> str:
         return (f"Run(Experiment: {self.experiment.name},\nId: {self.id},\nType: {self.run_type},\n"
@@ -625,8 +925,18 @@ class Experiment:
                           properties=kwargs.get("properties"), outputs=outputs or "./outputs")
 
     def get_runs(self, type: str | None = None, tags: Any = None, properties: Any = None,
-                 include_children: bool = False) -> list[Run]:
+                 include_children: bool = False, status: str | None = None) -> list[Run]:
+        """The experiment's runs, newest first: those of one `type`, with these `tags` / `properties` (a name,
+        a list of names, or a dict of name: value), in this `status`; children only with `include_children`.
+        This process's own runs are as it last wrote them, stored or not."""
         params: dict[str, Any] = {"experiment": self.name, "include_children": str(include_children).lower()}
+        statuses = None
+        if status is not None:
+            statuses = [str(getattr(status, "value", status))]
+            unknown = set(statuses) - set(ALL)
+            if unknown:
+                raise MetricError(f"get_runs: status {statuses[0]!r} is not a run status; one of {', '.join(ALL)}")
+            params["status"] = statuses
         if type:
             params["run_type"] = type
         if tags is not None:
@@ -638,17 +948,21 @@ class Experiment:
         if mine:
             em.flush(10)
         rows = self.workspace.read_api().get("/api/runs", **params)
+        mine = local.unconfirmed(mine, em.last_state_seq)
         if mine:  # this process's runs as they are now, whether the store has caught up or not
             api = self.workspace.read_api()
-            stored = {r["run_id"]: r for r in api.get("/api/runs", run_id=[w.run_id for w in mine],
-                                                      include_children="true", limit=len(mine))}
+            stored = {}
+            for i in range(0, len(mine), LOOKUP_CHUNK):  # ids in the query string: a URL of at most ~8 KB
+                chunk = [w.run_id for w in mine[i:i + LOOKUP_CHUNK]]
+                stored.update((r["run_id"], r) for r in api.get("/api/runs", run_id=chunk, include_children="true",
+                                                                limit=len(chunk)))
             ids = {w.run_id for w in mine}
             rows = [r for r in rows if r["run_id"] not in ids]
             tag_f = params.get("tag")
             prop_f = params.get("property")
             for w in mine:
                 row = local.overlay(stored.get(w.run_id), w, this_source().key, em.last_state_seq(w.run_id))
-                if row is not None and local.matches(row, tag_f, prop_f, type, include_children):
+                if row is not None and local.matches(row, tag_f, prop_f, type, include_children, statuses):
                     rows.append(row)
             rows.sort(key=lambda r: r.get("created_time") or "", reverse=True)
         return [self._run_from_row(r) for r in rows]
@@ -662,6 +976,10 @@ class Experiment:
     def submit(self, config: Any, tags: Mapping[str, Any] | None = None, **kwargs: Any) -> Run:
         """Submit a ScriptRunConfig: the run is Queued at once and carried out by a local launcher process
         (docs/submitting.md), which snapshots nothing itself: the source directory is snapshotted here."""
+        return self._submit(config, tags, **kwargs)
+
+    def _submit(self, config: Any, tags: Mapping[str, Any] | None = None, parent: Run | None = None,
+                **kwargs: Any) -> Run:
         from .config import ConfigError, ScriptRunConfig
         from .launcher import spawn
         from .snapshot import make_snapshot
@@ -673,25 +991,50 @@ class Experiment:
             raise ConfigError(f"Experiment.submit: config must be a ScriptRunConfig, not {type(config).__name__}")
         settings = self.workspace.settings
         config.check(settings)
-        run_id = new_run_id(self.name)
+        run_id = f"{parent.id}_{next(parent._child_count)}" if parent is not None else new_run_id(self.name)
         run_dir = settings.home / "runs" / run_id
         source = Path(config.source_directory).expanduser().resolve()
         info = make_snapshot(source, run_dir / "snapshot.zip", settings.snapshot_max_bytes)
         props = {names.SCRIPT_PROPERTY: config.script, names.SOURCE_DIRECTORY_PROPERTY: str(source),
+                 names.ARGUMENTS_PROPERTY: json.dumps([str(a) for a in config.arguments], ensure_ascii=False),
                  names.NODES_PROPERTY: str(config.node_count),
                  names.PROCESSES_PER_NODE_PROPERTY: str(config.process_count_per_node),
                  names.PROCESSES_PROPERTY: str(config.node_count * config.process_count_per_node),
                  names.SNAPSHOT_FILES_PROPERTY: str(info.files), names.SNAPSHOT_BYTES_PROPERTY: str(info.bytes)}
         run = Run._start(self, display_name=kwargs.get("display_name") or Path(config.script).stem, run_id=run_id,
+                         parent=parent,
                          run_type=SCRIPT_RUN, status=RunStatus.Queued, compute_target=config.compute_target,
                          properties=props, tags=dict(tags) if tags else None, heartbeats=False)
-        spec = {"run_id": run_id, "experiment": self.name, "config": dataclasses.asdict(config),
+        spec = {"run_id": run_id, "experiment": self.name, "config": config.to_spec(),
                 "source_directory": str(source), "snapshot": str(run_dir / "snapshot.zip"),
                 "snapshot_info": dataclasses.asdict(info), "submitted_ts": time.time()}
         # The Queued record goes out before the launcher's first event, so the run's history is in order.
         run.flush(10.0)
         run.launcher = spawn(run_dir, spec, settings)
         return run
+
+    @staticmethod
+    def list(workspace: "Workspace", experiment_name: str | None = None, view_type: str = "ActiveOnly",
+             tags: Any = None) -> list["Experiment"]:
+        """The workspace's experiments (those with at least one run), by name; `experiment_name` picks one.
+        `view_type` and `tags` are Azure's and have nothing to filter here (experiments are not archived
+        or tagged in runwatch)."""
+        rows = workspace.read_api().get("/api/experiments")
+        found = {r["name"] for r in rows} | {w.experiment for w in local.local_rows()}
+        return [Experiment(workspace, n) for n in sorted(found) if experiment_name in (None, n)]
+
+    def get_portal_url(self) -> str:
+        """The experiment's page: Grafana's Runs dashboard when `grafana_url` is set, else the read API's page."""
+        return self.workspace.settings.experiment_url(self.name)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows a table of the experiment with a link to it, as Azure ML's did."""
+        from html import escape
+
+        return (f"<table style='width:100%'><tr><th>Name</th><th>Workspace</th><th>Report Page</th></tr><tr>"
+                f"<td>{escape(self.name)}</td><td>{escape(self.workspace.name)}</td>"
+                f"<td><a href=\"{escape(self.get_portal_url())}\" target=\"_blank\" rel=\"noopener\">"
+                "Link to the experiment</a></td></tr></table>")
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name}, Workspace: {self.workspace.name})"
@@ -726,6 +1069,16 @@ class Workspace:
         if self._client is None:
             self._client = ApiClient(self.settings)
         return self._client
+
+    # Azure's coordinates of a workspace; here they name the machine's stack (docs/azureml.md).
+    subscription_id = "local"
+    resource_group = "local"
+    location = "local"
+
+    def get_details(self) -> dict[str, Any]:
+        return {"name": self.name, "location": self.location, "subscriptionId": self.subscription_id,
+                "resourceGroup": self.resource_group, "home": str(self.settings.home),
+                "apiUrl": self.settings.resolved_api_url()}
 
     def __repr__(self) -> str:
         return f"Workspace(name={self.name!r}, home={str(self.settings.home)!r})"
@@ -784,6 +1137,29 @@ def _with_local(rows: list[dict[str, Any]], mine: list[local.Written], em: Emitt
         if row is not None:
             by_id[w.run_id] = row
     return list(by_id.values())
+
+
+def type_name(x: Any) -> str:
+    return type(x).__name__
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in the environment and no passwd entry (some containers)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+def _run_definition(props: Mapping[str, str], target: str | None) -> dict[str, Any]:
+    """get_details()'s "runDefinition" in Azure's shape, from what submit() recorded (empty keys for an
+    interactive run, which has no definition in Azure either beyond its target)."""
+    nodes = props.get(names.NODES_PROPERTY)
+    per_node = props.get(names.PROCESSES_PER_NODE_PROPERTY)
+    return {"script": props.get(names.SCRIPT_PROPERTY), "target": target,
+            "sourceDirectory": props.get(names.SOURCE_DIRECTORY_PROPERTY),
+            "arguments": json.loads(props[names.ARGUMENTS_PROPERTY]) if names.ARGUMENTS_PROPERTY in props else [],
+            "nodeCount": int(nodes) if nodes else 1,
+            "processCountPerNode": int(per_node) if per_node else 1}
 
 
 def _reserve_steps(counter, n: int) -> int:

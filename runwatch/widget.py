@@ -42,6 +42,14 @@ def _bucketed(values: list[float]) -> tuple[list[float], list[float], list[float
     return xs, lo, hi
 
 
+def _stored_or(api, path: str, default: Any) -> Any:
+    """What the read API has at `path`; `default` while the run (this process's, just started) is not stored."""
+    try:
+        return api.get(path)
+    except NotFound:
+        return default
+
+
 def _fnum(v: Any) -> Any:
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
@@ -88,7 +96,7 @@ class RunDetails:
         api = self.run.experiment.workspace.read_api()
         rid = self.run.id
         try:
-            d = api.get(run_path(rid))
+            d = self.run.fetch_state()  # with every write this process made (read-your-writes)
         except NotFound:
             return {"run_id": rid, "status": "NotStarted", "terminal": False, "stack_error": None,
                     "note": "the run is not stored yet", "metrics": [], "files": [], "children": [],
@@ -105,7 +113,7 @@ class RunDetails:
             "properties": {k: v for k, v in d.get("properties", {}).items() if not k.startswith("_runwatch.")},
             "tags": d.get("tags", {}), "portal_url": self.run.get_portal_url(), "stack_error": None,
         }
-        listed = api.get(run_path(rid, "files"))
+        listed = self.run._file_list()
         state["metrics"] = self._metrics(api, rid, {f["name"]: f.get("sha256") for f in listed if f["kind"] == "file"})
         files = [f["name"] for f in listed if f["kind"] == "log"]
         state["files"] = files
@@ -120,9 +128,9 @@ class RunDetails:
         return state
 
     def _metrics(self, api, rid: str, stored: dict[str, str | None]) -> list[dict[str, Any]]:
-        aggs = api.get(run_path(rid, "aggregates"))
+        aggs = _stored_or(api, run_path(rid, "aggregates"), {})
         kinds = {k.split(".")[0] if v["kind"] in ("row", "table") else k: v["kind"] for k, v in aggs.items()}
-        values = api.get(run_path(rid, "metrics"))
+        values = self.run.get_metrics()  # every point this process logged before (read-your-writes)
         out = []
         for name in sorted(values):
             v = values[name]
@@ -132,8 +140,8 @@ class RunDetails:
                 last = v[-1] if isinstance(v, list) else v
                 m["file"] = last
                 m["image"] = self._image(api, rid, last, stored.get(last))
-            elif isinstance(v, dict):  # rows and tables: the first column (by name) against the second
-                cols = sorted(v)
+            elif isinstance(v, dict):  # rows and tables: the first column (as logged) against the second
+                cols = list(v)
                 x, y = cols[0], cols[1] if len(cols) > 1 else cols[0]
                 pairs = sorted((a, b) for a, b in zip(v[x], v[y]) if isinstance(a, (int, float))
                                and isinstance(b, (int, float)))
@@ -168,7 +176,12 @@ class RunDetails:
         return uri
 
     def _children(self, api, rid: str) -> dict[str, Any]:
-        kids = api.get(run_path(rid, "children"))
+        stored = {k["run_id"]: k for k in _stored_or(api, run_path(rid, "children"), [])}
+        kids = []
+        for r in self.run.get_children():  # this process's children as it wrote them, stored or not
+            k = dict(stored.get(r.id) or {"run_id": r.id, "duration_s": None})
+            k.update(status=r._status, display_name=r.display_name)
+            kids.append(k)
         if not kids:
             return {"children": [], "child_metric": None, "child_metric_options": [], "best_child": None}
         aggs = {k["run_id"]: api.get(run_path(k['run_id'], "aggregates")) for k in kids}

@@ -298,6 +298,7 @@ def _run_state(env: Envelope, p: RunState) -> tuple[str, list[dict[str, Any]]]:
     return "runs", [{
         "run_id": env.run_id, "experiment": _str("run_state experiment", s.get("experiment") or env.experiment),
         "display_name": _str("run_state display_name", s.get("display_name"), optional=True),
+        "description": _str("run_state description", s.get("description"), optional=True),
         "parent_run_id": _str("run_state parent_run_id", s.get("parent_run_id"), optional=True),
         "run_type": _str("run_state run_type", s.get("run_type") or ""),
         "compute_target": _str("run_state compute_target", s.get("compute_target") or ""),

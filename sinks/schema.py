@@ -93,6 +93,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (5, "dead letters name their run (the message key), so that a run's can be listed", [
         "ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS run_id String DEFAULT ''",
     ]),
+    (6, "runs have a description (settable, as in Azure ML)", [
+        "ALTER TABLE runs ADD COLUMN IF NOT EXISTS description Nullable(String)",
+    ]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

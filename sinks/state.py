@@ -36,18 +36,19 @@ class StoredState:
         if run_id not in self.known():
             return None
         rows = self.store.query(f"""
-            SELECT experiment, display_name, parent_run_id, run_type, compute_target, status,
+            SELECT experiment, display_name, description, parent_run_id, run_type, compute_target, status,
                    toUnixTimestamp64Micro(created_time), toUnixTimestamp64Micro(start_time),
                    toUnixTimestamp64Micro(end_time), toJSONString(properties), tags_json, error,
                    toUnixTimestamp64Micro(last_heartbeat), dropped_points, illegal_transitions, version, seen
             FROM {DB}.runs FINAL WHERE run_id = {{r:String}}""", r=run_id)
         if not rows:
             return None
-        (experiment, display_name, parent, run_type, target, status, created, start, end, props, tags, error,
-         heartbeat, dropped, illegal, version, seen) = rows[0]
+        (experiment, display_name, description, parent, run_type, target, status, created, start, end, props, tags,
+         error, heartbeat, dropped, illegal, version, seen) = rows[0]
         s = lambda us: None if us is None else us / 1e6  # noqa: E731
         return {
-            "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
+            "run_id": run_id, "experiment": experiment, "display_name": display_name, "description": description,
+            "parent_run_id": parent,
             "run_type": run_type, "compute_target": target, "status": status, "created_ts": s(created),
             "start_ts": s(start), "end_ts": s(end), "properties": json.loads(props or "{}"),
             "tags": json.loads(tags or "{}"), "error": json.loads(error) if error else None,

@@ -170,3 +170,62 @@ def test_install_sizes(light, tmp_path):
     out.mkdir(exist_ok=True)
     (out / "install-size.json").write_text(json.dumps({"light_site_packages_mib": round(size / 2**20, 1),
                                                       "install_seconds": float((light / "install-seconds").read_text())}))
+
+
+COMPAT = ROOT / "compat" / "azureml"
+
+
+def _pip(venv: Path, *args: str) -> subprocess.CompletedProcess:
+    """pip in `venv`, offline: what it installs or builds with (setuptools) comes from the wheelhouse."""
+    return subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "--no-index",
+                           "--find-links", str(WHEELHOUSE), "-c", str(ROOT / "constraints" / "lowest.txt"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_runwatch_azureml_installs_next_to_a_light_install_and_runs_unchanged_azureml_code(light, stack_env,
+                                                                                          tmp_path):
+    out = _pip(light, str(COMPAT))  # pip's isolated build, as a user's `pip install ./compat/azureml`
+    assert out.returncode == 0, out.stdout + out.stderr
+    site = next((light / "lib").glob("python3*/site-packages"))
+    assert not (site / "azureml" / "__init__.py").exists(), "azureml is a namespace, shared with Azure's others"
+    exp = unique_name("light-azureml")
+    run = run_in(light, f"""
+        from azureml.core import Workspace, Experiment
+        from azureml.core.run import Run
+        from azureml.widgets import RunDetails
+        run = Experiment(Workspace.from_config(), "{exp}").start_logging()
+        run.log("acc", 0.5)
+        run.tag("via", "azureml.core")
+        assert run.get_metrics() == {{"acc": 0.5}} and run.get_tags() == {{"via": "azureml.core"}}
+        assert isinstance(run, Run)
+        run.complete()
+        assert run.get_status() == "Completed"
+        print("ok")
+    """, tmp_path, sdk_env(stack_env))
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def test_runwatch_azureml_refuses_to_install_or_import_next_to_microsofts_azureml_core(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    fake = site / "azureml_core-1.60.0.dist-info"  # what `pip install azureml-core` leaves, as far as pip can tell
+    fake.mkdir()
+    fake.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: azureml-core\nVersion: 1.60.0\n")
+    fake.joinpath("RECORD").write_text("")
+    out = _pip(venv, str(COMPAT))
+    assert out.returncode != 0
+    assert "the real azureml-core (Microsoft's) is installed" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert not (site / "azureml").exists()
+    # a wheel built elsewhere gets past the build: the import refuses, naming both
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                            "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(COMPAT)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout + built.stderr
+    compat_wheel = next((tmp_path / "dist").glob("runwatch_azureml-*.whl"))
+    out = _pip(venv, "--no-deps", str(wheel), str(compat_wheel))
+    assert out.returncode == 0, out.stdout + out.stderr
+    imp = run_in(venv, "import azureml.core", tmp_path, {k: v for k, v in os.environ.items()
+                                                           if not k.startswith("PYTHON")})
+    assert imp.returncode != 0
+    assert "ImportError: azureml.core here is runwatch-azureml's, and Microsoft's azureml-core 1.60.0" in imp.stderr

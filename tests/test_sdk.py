@@ -74,8 +74,9 @@ def test_every_kind_is_sent_exactly(sdk_settings):
     assert metric_points(envs, child.id) == [(child.id, "acc", "scalar", "", "float", 0, 0.91)]
 
     lifecycle = [(e.run_id, e.payload.kind) for e in envs if e.kind != "metrics" and e.kind != "heartbeat"]
-    # the two tag calls of one moment travel as one event: the wire carries what changed, once
-    assert lifecycle == [(run.id, "run_created"), (run.id, "tags"), (run.id, "properties"),
+    # the two tag calls of one moment travel as one event: the wire carries what changed, once; the first
+    # properties event records the tables' columns in the order they were logged (read back in that order)
+    assert lifecycle == [(run.id, "run_created"), (run.id, "properties"), (run.id, "tags"), (run.id, "properties"),
                          (child.id, "run_created"), (child.id, "status"), (run.id, "status")]
     created = next(e for e in envs if e.run_id == run.id and e.kind == "run_created")
     assert created.payload.display_name == "baseline" and created.experiment == exp.name

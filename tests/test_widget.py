@@ -104,7 +104,9 @@ def test_state_follows_a_live_run_and_stops_refreshing_when_it_ends(live):
     assert (roc["kind"], roc["x_label"], roc["y_label"], roc["x"], roc["y"]) == ("row", "fpr", "tpr",
                                                                                    [0.0, 0.2, 1.0], [0.0, 0.7, 1.0])
     pr = metric(s, "pr")
-    assert (pr["kind"], pr["x_label"], pr["x"]) == ("table", "precision", [0.6, 0.9])
+    # a table is plotted as its first two columns in the order they were logged, sorted along x
+    assert (pr["kind"], pr["x_label"], pr["y_label"]) == ("table", "recall", "precision")
+    assert (pr["x"], pr["y"]) == ([0.5, 0.9], [0.9, 0.6])
     image = metric(s, "curve")
     assert image["kind"] == "image" and base64.b64decode(image["image"].split(",", 1)[1]) == PNG
     assert [c["name"] for c in s["children"]] == ["trial-0", "trial-1", "trial-2"]

@@ -8,7 +8,8 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from runwatch.core.names import PROCESSES_PROPERTY, SCRIPT_RUN
+from runwatch.core import names
+from runwatch.core.names import COLUMNS_PROPERTY_PREFIX, PROCESSES_PROPERTY, SCRIPT_RUN
 from runwatch.core.states import ACTIVE
 
 DB = "runwatch"
@@ -24,7 +25,7 @@ def run_columns(t: str = "") -> str:
 
 
 def _run_columns(t: str) -> list[str]:
-    return [f"{t}run_id", f"{t}experiment", f"{t}display_name", f"{t}parent_run_id", f"{t}run_type",
+    return [f"{t}run_id", f"{t}experiment", f"{t}display_name", f"{t}description", f"{t}parent_run_id", f"{t}run_type",
             f"{t}compute_target", f"{t}status", f"formatDateTime({t}created_time, {ISO})",
             f"formatDateTime({t}start_time, {ISO})", f"formatDateTime({t}end_time, {ISO})",
             f"dateDiff('microsecond', {t}start_time, {t}end_time) / 1e6", f"toJSONString({t}properties)",
@@ -68,10 +69,11 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def run_row(r: tuple) -> dict[str, Any]:
-    (run_id, experiment, display_name, parent, run_type, target, status, created, start, end, duration, props,
-     tags_json, error, dropped, illegal, version, seen) = r
+    (run_id, experiment, display_name, description, parent, run_type, target, status, created, start, end,
+     duration, props, tags_json, error, dropped, illegal, version, seen) = r
     return {
-        "run_id": run_id, "experiment": experiment, "display_name": display_name, "parent_run_id": parent,
+        "run_id": run_id, "experiment": experiment, "display_name": display_name, "description": description,
+        "parent_run_id": parent,
         "run_type": run_type, "compute_target": target, "status": status, "created_time": created,
         "start_time": start, "end_time": end, "duration_s": duration,
         "properties": _json_object(props), "tags": _json_object(tags_json),
@@ -356,6 +358,13 @@ class Queries:
             values = out[run_id][name_]
             if len(values) == 1:
                 out[run_id][name_] = values[0]
+        tabled = [rid for rid, per in out.items() if any(isinstance(v, dict) for v in per.values())]
+        if tabled:  # the tables' columns in the order they were logged, not the store's
+            for rid, props in self.client.query(
+                    f"""SELECT run_id, mapFilter((k, v) -> startsWith(k, {{prefix:String}}), properties)
+                        FROM {DB}.runs FINAL WHERE run_id IN {{ids:Array(String)}}""",
+                    parameters={"ids": tabled, "prefix": COLUMNS_PROPERTY_PREFIX}).result_rows:
+                names.order_tables(out[rid], props)
         return out
 
     def _with_pending(self, where: str, params: dict[str, Any], pending: dict[str, list], name: str | None) -> list:

@@ -12,6 +12,7 @@ import math
 import socket
 import time
 from typing import Any, Callable
+from urllib.parse import quote
 
 import ujson
 from aiohttp import web
@@ -75,6 +76,7 @@ class ReadApi:
         r.add_get("/api/compute", self.compute)
         r.add_get("/api/compute/{name}", self.compute_one)
         r.add_get("/runs/{run_id}", self.run_page)
+        r.add_get("/experiments/{name}", self.experiment_page)
         self.runner: web.AppRunner | None = None
 
     @web.middleware
@@ -364,6 +366,21 @@ class ReadApi:
                 f"ended {e(str(run['end_time']))}</p><p>Tags: {e(json.dumps(run['tags']))}</p>"
                 f"<table border=1><tr><th>metric</th><th>count</th><th>min</th><th>max</th><th>last</th></tr>{rows}"
                 f"</table></body></html>")
+        return web.Response(text=body, content_type="text/html")
+
+
+    async def experiment_page(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        runs = await self._q(self.queries.runs, experiment=name, limit=1000)
+        if not runs:
+            raise LookupError(f"no experiment {name!r} (an experiment exists once it has a run)")
+        e = html.escape
+        rows = "".join(f"<tr><td><a href=\"/runs/{quote(r['run_id'], safe='')}\">{e(r['run_id'])}</a></td>"
+                       f"<td>{e(r['status'])}</td><td>{e(str(r['display_name'] or ''))}</td>"
+                       f"<td>{e(str(r['start_time']))}</td></tr>" for r in runs)
+        body = (f"<html><head><title>{e(name)}</title></head><body><h1>{e(name)}</h1>"
+                f"<table border=1><tr><th>run</th><th>status</th><th>name</th><th>started</th></tr>{rows}</table>"
+                "</body></html>")
         return web.Response(text=body, content_type="text/html")
 
 

@@ -29,6 +29,13 @@ class FileError(RunwatchError, ValueError):
     """A name, size or checksum the store refuses; the message says which and why."""
 
 
+class NotApplicable(RunwatchError, NotImplementedError):
+    """An Azure ML call that has no meaning without Azure (docs/azureml.md says why, call by call)."""
+
+    def __init__(self, call: str, why: str):
+        super().__init__(f"{call} is not available in runwatch: {why} (docs/azureml.md)")
+
+
 class MissingExtra(RunwatchError, ImportError):
     """A feature that needs an optional part of runwatch that is not installed."""
 

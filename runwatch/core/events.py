@@ -79,6 +79,16 @@ class StatusChanged(_Model):
 class TagsSet(_Model):
     kind: Literal["tags"] = "tags"
     tags: dict[str, str | None]
+    #: tags removed (run.remove_tags)
+    removed: list[str] = []
+
+
+class RunUpdated(_Model):
+    """A run's display name or description changed (both are settable, as in Azure ML)."""
+
+    kind: Literal["run_updated"] = "run_updated"
+    display_name: str | None = None
+    description: str | None = None
 
 
 class PropertiesSet(_Model):
@@ -267,7 +277,8 @@ class DeadLetter(_Model):
 
 
 Payload = Annotated[
-    Union[RunCreated, StatusChanged, TagsSet, PropertiesSet, Heartbeat, LivenessCheck, FileStored, MetricBatch,
+    Union[RunCreated, StatusChanged, TagsSet, RunUpdated, PropertiesSet, Heartbeat, LivenessCheck, FileStored,
+          MetricBatch,
           LogBatch,
           MetricAggregates, RunState, Transition, Alert, DeadLetter],
     Field(discriminator="kind"),

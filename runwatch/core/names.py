@@ -35,11 +35,41 @@ LOG_COUNTS_PROPERTY = "_runwatch.log_lines"
 PROCESSES_PROPERTY = "_runwatch.processes"
 #: What `submit` records of a submitted run besides (the script, where it came from, its layout, its snapshot).
 SCRIPT_PROPERTY = "_runwatch.script"
+ARGUMENTS_PROPERTY = "_runwatch.arguments"
 SOURCE_DIRECTORY_PROPERTY = "_runwatch.source_directory"
 NODES_PROPERTY = "_runwatch.nodes"
 PROCESSES_PER_NODE_PROPERTY = "_runwatch.processes_per_node"
 SNAPSHOT_FILES_PROPERTY = "_runwatch.snapshot_files"
 SNAPSHOT_BYTES_PROPERTY = "_runwatch.snapshot_bytes"
+#: Who started the run (the OS user of the process that created it): get_details()'s "submittedBy".
+USER_PROPERTY = "_runwatch.user"
+#: A table's columns in the order they were first logged (log_row, log_table), as a JSON list: reads give
+#: the columns in this order, as Azure does, not in the store's (alphabetical) one.
+COLUMNS_PROPERTY_PREFIX = "_runwatch.columns."
+
+
+def columns_property(table: str) -> str:
+    return COLUMNS_PROPERTY_PREFIX + table
+
+
+def order_tables(metrics: dict, properties: dict[str, str] | None) -> dict:
+    """A run's metrics (get_metrics' shape) with each table's columns in their logged order, as the run's
+    column properties record it (columns the property does not name keep their place after the others)."""
+    import json
+
+    for key, value in (properties or {}).items():
+        if not key.startswith(COLUMNS_PROPERTY_PREFIX):
+            continue
+        table = metrics.get(key[len(COLUMNS_PROPERTY_PREFIX):])
+        if not isinstance(table, dict):
+            continue
+        try:
+            order = [c for c in json.loads(value) if c in table]
+        except (ValueError, TypeError):
+            continue
+        rest = [c for c in table if c not in order]
+        metrics[key[len(COLUMNS_PROPERTY_PREFIX):]] = {c: table[c] for c in order + rest}
+    return metrics
 
 
 def driver_log(rank: int) -> str:

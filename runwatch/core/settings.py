@@ -239,6 +239,15 @@ class Settings:
         base = self.resolved_api_url() or f"http://{self.api_host}:{self.api_port}"
         return f"{base.rstrip('/')}/runs/{quote(run_id)}"
 
+    def experiment_url(self, experiment: str) -> str:
+        """Where a person looks at an experiment's runs: Grafana's Runs dashboard, else the read API's page."""
+        from urllib.parse import quote
+
+        if self.grafana_url:
+            return f"{self.grafana_url.rstrip('/')}/d/runwatch-runs/runwatch-runs?var-experiment={quote(experiment)}"
+        base = self.resolved_api_url() or f"http://{self.api_host}:{self.api_port}"
+        return f"{base.rstrip('/')}/experiments/{quote(experiment, safe='')}"
+
     def compute(self) -> dict[str, int]:
         """The compute targets and their slots, from `compute_targets`; a malformed entry is a clear error."""
         out: dict[str, int] = {}
