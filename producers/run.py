@@ -918,6 +918,14 @@ class Experiment:
         self.workspace = workspace
         self.name = name
 
+    @property
+    def id(self) -> str:
+        """Experiments are named, not numbered, here: the name is the id."""
+        return self.name
+
+    def refresh(self) -> None:
+        """Azure reloads the experiment's record; here an experiment is its runs, always read fresh."""
+
     def start_logging(self, *args: Any, display_name: str | None = None, outputs: Any = None,
                       snapshot_directory: Any = None, **kwargs: Any) -> Run:
         """Start an interactive run; what it leaves in `outputs` (default ./outputs) becomes its files."""
@@ -1074,6 +1082,32 @@ class Workspace:
     subscription_id = "local"
     resource_group = "local"
     location = "local"
+
+    @classmethod
+    def get(cls, name: str = "local", **_: Any) -> "Workspace":
+        """Azure's lookup by name (subscription and resource group have no meaning here): the configured one."""
+        ws = cls.from_config()
+        return ws if ws.name == name else _cached_workspace(name, ws.settings)
+
+    def get_run(self, run_id: str) -> Run:
+        return Run.get(self, run_id)
+
+    @property
+    def experiments(self) -> dict[str, "Experiment"]:
+        """The experiments that have runs, by name."""
+        return {e.name: e for e in Experiment.list(self)}
+
+    @property
+    def compute_targets(self) -> dict[str, int]:
+        """The configured compute targets (setting compute_targets): name -> process slots."""
+        return dict(self.settings.compute())
+
+    def write_config(self, path: str | os.PathLike | None = None, file_name: str | None = None) -> Path:
+        """Write `.runwatch/config.json` (what from_config finds) naming this workspace."""
+        target = Path(path or ".") / ".runwatch" / (file_name or "config.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"name": self.name}, indent=2) + "\n")
+        return target
 
     def get_details(self) -> dict[str, Any]:
         return {"name": self.name, "location": self.location, "subscriptionId": self.subscription_id,

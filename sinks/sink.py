@@ -320,6 +320,11 @@ class Sink:
                 ranges[tp] = (msgs[0].offset, msgs[-1].offset, msgs)
         if not ranges:
             return
+        # The small topics first: a run's state record (aggregates), its log lines and its alerts go into the
+        # first chunk instead of waiting behind every metric chunk of a big fetch (read-your-writes from
+        # other processes under load, docs/performance.md).
+        metrics_topic = self.settings.topic("metrics")
+        ranges = dict(sorted(ranges.items(), key=lambda kv: kv[0].topic == metrics_topic))
         # One fetch can hold millions of points. It is written as chunks of at most sink_max_batch_bytes,
         # each with its own intent and offset commit, and in a pipeline: the next chunk is decoded and built
         # (Python) while this one is written (ClickHouse's threads) -- one big batch at a time left a core

@@ -181,6 +181,10 @@ def test_the_rest_of_the_run_api(stack_env, tmp_path):
         Run.list(exp, status="Done")
     assert exp.name in [e.name for e in Experiment.list(ws)]
     assert [e.name for e in Experiment.list(ws, experiment_name=exp.name)] == [exp.name]
+    assert exp.id == exp.name and exp.name in ws.experiments and ws.compute_targets["local"] >= 1
+    assert Workspace.get("local") is ws and ws.get_run(run.id).id == run.id
+    written = ws.write_config(path=tmp_path / "project")
+    assert Workspace.from_config(written).name == ws.name
     html = run._repr_html_()
     assert run.id in html and "href=" in html and exp._repr_html_().count("href=") == 1
     print("hello from an interactive run")
