@@ -570,7 +570,7 @@ class Run:
             "parentRunId": d.get("parent_run_id"), "target": d.get("compute_target"),
             "startTimeUtc": d.get("start_time"), "endTimeUtc": d.get("end_time"),
             "durationSeconds": d.get("duration_s"),
-            "properties": {k: v for k, v in props.items() if not k.startswith(names.INTERNAL_PREFIX)},
+            "properties": _public(props),
             "tags": d.get("tags", {}), "error": d.get("error"), "runType": d.get("run_type"),
             "inputDatasets": [], "outputDatasets": [], "submittedBy": props.get(names.USER_PROPERTY),
             "runDefinition": _run_definition(props, d.get("compute_target")),
@@ -608,7 +608,8 @@ class Run:
         return dict(self._record()["tags"])
 
     def get_properties(self) -> dict[str, str]:
-        return dict(self._record()["properties"])
+        """The run's properties; runwatch's own bookkeeping (`_runwatch.*`) is kept out, as in get_details()."""
+        return _public(self._record()["properties"])
 
     def get_metrics(self, name: str | None = None, recursive: bool = False, run_type: str | None = None,
                     populate: bool = False) -> dict[str, Any]:
@@ -825,7 +826,7 @@ class Run:
     @property
     def properties(self) -> dict[str, str]:
         """The run's properties as last read or written here (get_properties() reads them again)."""
-        return dict(self._properties)
+        return _public(self._properties)
 
     @property
     def tags(self) -> dict[str, str | None]:
@@ -1127,6 +1128,10 @@ def _cached_workspace(name: str, settings: Settings) -> Workspace:
     if ws is None:
         ws = _WORKSPACES[key] = Workspace(name, settings)
     return ws
+
+
+def _public(properties: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in properties.items() if not k.startswith(names.INTERNAL_PREFIX)}
 
 
 def _find_config() -> Path | None:

@@ -31,7 +31,7 @@ def clickhouse_client(settings: Settings):
 
 def run(settings: Settings) -> None:
     from runwatch.api.filestore import FileStore
-    from runwatch.api.live import LiveTail
+    from runwatch.api.live import LiveTail, RunTail
     from runwatch.api.queries import Queries
     from runwatch.processors.app import Processors
     from runwatch.sinks.schema import migrate
@@ -65,6 +65,7 @@ def run(settings: Settings) -> None:
     sink = Sink(settings, store, bootstrap)
     live = (LiveTail(settings, bootstrap, sink.stored_offset, sink.metrics_partitions)
             if settings.live_max_runs > 0 else None)
+    run_tail = RunTail(settings, bootstrap) if settings.live_max_runs > 0 else None
     started = time.time()
 
     def health() -> dict[str, Any]:
@@ -90,12 +91,14 @@ def run(settings: Settings) -> None:
             "spools": {"sent_spools": orphans["spools"], "sent_events": orphans["events"],
                        "error": orphans["error"]},
             "live": live.health() if live is not None else None,
+            "run_tail": run_tail.health() if run_tail is not None else None,
             "broker": bootstrap,
         }
 
     orphans: dict[str, Any] = {"spools": 0, "events": 0, "error": None}
     api = ReadApi(Queries(reader_client), health, settings, FileStore(settings.files_root() / "runs"),
-                  FileStore(settings.files_root() / "snapshots"), live, sink=sink)
+                  FileStore(settings.files_root() / "snapshots"), live, sink=sink,
+                  run_tail=run_tail)
     state_file = settings.home / "worker.json"
 
     async def start_services() -> None:
@@ -105,6 +108,8 @@ def run(settings: Settings) -> None:
         asyncio.ensure_future(sink.run_forever())
         if live is not None:
             asyncio.ensure_future(live.run_forever())
+        if run_tail is not None:
+            asyncio.ensure_future(run_tail.run_forever())
         if settings.orphan_spool_interval > 0:
             asyncio.ensure_future(_send_orphan_spools(settings, orphans, lambda: sink.ready))
         _quiet_gc()

@@ -127,6 +127,60 @@ def test_reads_from_another_process_converge(stack_env, tmp_path):
                          f"p95 {lat[18] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms (20 writes, idle stack)")
 
 
+WRITER = """
+import sys
+from runwatch import Workspace, Experiment, Run
+run = Run.get(Workspace.from_config(), sys.argv[1])
+run.tag("after", "the store went away")
+run.add_properties({"p": "v"})
+run.display_name = "renamed"
+run.complete()
+assert run.flush(10)
+"""
+
+
+def test_another_process_sees_a_runs_writes_while_the_store_is_behind(broker, tmp_path, monkeypatch):
+    """The read API's run tail: a run's record shows the `runs` topic's events before the store has them
+    (here the store refuses every write), with the processors' own rules; stored=true shows the store alone."""
+    import httpx
+
+    from conftest import Worker, point_sdk_at
+
+    down = tmp_path / "clickhouse-down"
+    worker = Worker(broker, tmp_path / "worker", unique_name("tail"),
+                    extra_env={"RUNWATCH_TEST_FAULT": f"clickhouse-down-while:{down}"}).start()
+    try:
+        point_sdk_at(monkeypatch, worker, tmp_path / "sdk")
+        run = Experiment(Workspace.from_config(), unique_name("tail")).start_logging(display_name="first")
+        run.tag("before", "stored")
+        run.flush(10)
+        api = f"{worker.api_url}/api/runs/{run.id}"
+        wait_until(lambda: httpx.get(api, params={"stored": "true"}).status_code == 200
+                   and httpx.get(api, params={"stored": "true"}).json()["tags"] == {"before": "stored"}, 30,
+                   what="the first record stored")
+        down.touch()
+        out = subprocess.run([sys.executable, "-c", WRITER, run.id], env=dict(os.environ), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_until(lambda: httpx.get(api).json()["status"] == "Completed", 10, 0.02, what="the tail's record")
+        shown = httpx.get(api).json()
+        assert shown["tags"] == {"before": "stored", "after": "the store went away"}
+        assert (shown["properties"]["p"], shown["display_name"]) == ("v", "renamed") and shown["end_time"]
+        stored = httpx.get(api, params={"stored": "true"}).json()
+        assert stored["status"] == "Running" and "after" not in stored["tags"], "the store has not got them"
+        down.unlink()
+        wait_until(lambda: httpx.get(api, params={"stored": "true"}).json()["status"] == "Completed", 60,
+                   what="stored once the store is back")
+        again = httpx.get(api, params={"stored": "true"}).json()
+        assert again["tags"] == shown["tags"] and again["display_name"] == "renamed"
+        assert httpx.get(api).json()["version"] == again["version"], "once stored, the tail adds nothing"
+    finally:
+        from runwatch.producers.emitter import close_all
+
+        close_all(5)
+        worker.stop()
+
+
 def _stored_tags(worker, run_id):
     try:
         return Run.get(Workspace.from_config(), run_id).get_tags()

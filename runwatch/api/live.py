@@ -207,3 +207,188 @@ class LiveTail:
 
 def _points(env: Envelope) -> int:
     return env.payload.n_numeric + env.payload.n_text
+
+
+#: Seconds a run event stays in the run tail: far longer than the pipeline takes to store it, even under load.
+RUN_TAIL_SECONDS = 120.0
+#: Run events held at most, all runs (each a few hundred bytes: tags, a status).
+RUN_TAIL_MAX_EVENTS = 100_000
+
+
+class RunTail:
+    """The `runs` topic's recent events, so that a run's record read through the API shows them before the
+    processors and the sink have stored their outcome (tags, properties, names, status).
+
+    Under a metric backlog the worker's processors and sink each take seconds to turn a tag into a stored
+    record (docs/performance.md, "Read-your-writes"); the `runs` topic itself is light. This consumer reads it
+    from its end, always, and keeps each run's events for RUN_TAIL_SECONDS. A read of a run applies the held
+    events to the stored record with the processors' own logic (RunStateLogic: the rules live there once);
+    what the record has already seen (per source, by seq) is a repeat to the logic and changes nothing.
+    Nothing here is ever written: the stored record is the truth, the tail only shows it a moment sooner.
+    """
+
+    #: the events that change what a run's record shows (heartbeats and liveness are the processors' alone)
+    KINDS = ("run_created", "status", "tags", "properties", "run_updated")
+
+    def __init__(self, settings: Settings, bootstrap: str):
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.consumer = None
+        self._lock = threading.Lock()
+        self._events: dict[str, list[tuple[float, Envelope]]] = defaultdict(list)  # run -> [(arrived, event)]
+        self._held = 0
+        self.read = 0
+        self.overlaid = 0
+
+    def pending(self, run_id: str) -> list[Envelope]:
+        with self._lock:
+            return [env for _, env in self._events.get(run_id, ())]
+
+    def overlay(self, run_id: str, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The stored record (the read API's shape) with the run's held events applied, or `stored` itself
+        when they add nothing."""
+        events = self.pending(run_id)
+        if not events:
+            return stored
+        from runwatch.processors.logic import Rejected, RunStateLogic
+
+        st = _state_of(stored) if stored is not None else RunStateLogic.new_state(run_id, events[0].experiment)
+        version = st["version"]
+        logic = RunStateLogic()
+        limit = self.settings.processor_max_message_bytes // 4
+        for env in events:
+            try:
+                size = RunStateLogic.check_size(st, env, limit)  # what the processors refuse is not shown
+            except Rejected:
+                continue
+            logic.handle(env, st, now=env.ts)
+            if size is not None:
+                st["size"] = size
+        if st["version"] == version:
+            return stored  # all of them are in the stored record already
+        if stored is None and st["status"] is None:
+            return None
+        self.overlaid += 1
+        return _row_of(st, stored)
+
+    async def run_forever(self) -> None:
+        backoff = Backoff(first=1.0, most=10.0)
+        while True:
+            try:
+                if self.consumer is None:
+                    await self._open()
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+                now = time.monotonic()
+                with self._lock:
+                    for msgs in batch.values():
+                        self.read += len(msgs)
+                        for m in msgs:
+                            try:
+                                env = decode(m.value)
+                            except EventError:
+                                continue
+                            if env.kind in self.KINDS:
+                                self._events[env.run_id].append((now, env))
+                                self._held += 1
+                    self._prune(now)
+                backoff.reset()
+            except asyncio.CancelledError:
+                await self._close()
+                raise
+            except Exception as exc:  # the broker away: reads show what is stored meanwhile
+                wait = backoff.next()
+                log.warning("runwatch run tail: %s: %s; again in %.0f s", type(exc).__name__, exc, wait)
+                await self._close()
+                await asyncio.sleep(wait)
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - RUN_TAIL_SECONDS
+        for run_id in list(self._events):
+            held = self._events[run_id]
+            keep = [e for e in held if e[0] >= cutoff]
+            self._held -= len(held) - len(keep)
+            if keep:
+                self._events[run_id] = keep
+            else:
+                del self._events[run_id]
+        while self._held > RUN_TAIL_MAX_EVENTS and self._events:  # the oldest runs' events go first
+            oldest = min(self._events, key=lambda r: self._events[r][0][0])
+            self._held -= len(self._events.pop(oldest))
+
+    async def _open(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.settings.topic("runs")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="latest",
+            fetch_max_wait_ms=50, client_id=f"{self.settings.topic_prefix}run-tail", **self.settings.kafka_args())
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                raise RuntimeError(f"no partitions known for topic {topic}")
+            consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        except BaseException:
+            await consumer.stop()
+            raise
+        self.consumer = consumer
+
+    async def _close(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            try:
+                await consumer.stop()
+            except Exception:
+                pass
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return {"runs": len(self._events), "events": self._held, "read": self.read, "overlaid": self.overlaid}
+
+
+def _epoch(iso: str | None) -> float | None:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def _iso(ts: float | None) -> str | None:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00") if ts else None
+
+
+def _state_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored record (the read API's shape) as the processors' run state (RunStateLogic.new_state's)."""
+    import copy
+
+    return {
+        "run_id": row["run_id"], "experiment": row["experiment"], "display_name": row.get("display_name"),
+        "description": row.get("description"), "parent_run_id": row.get("parent_run_id"),
+        "run_type": row.get("run_type"), "compute_target": row.get("compute_target"), "status": row["status"],
+        "created_ts": _epoch(row.get("created_time")), "start_ts": _epoch(row.get("start_time")),
+        "end_ts": _epoch(row.get("end_time")), "properties": dict(row.get("properties") or {}),
+        "tags": dict(row.get("tags") or {}), "error": copy.deepcopy(row.get("error")), "last_heartbeat": None,
+        "last_seen": None, "not_responding_since": None, "dropped_points": row.get("dropped_points", 0),
+        "illegal_transitions": row.get("illegal_transitions", 0), "version": row.get("version", 0),
+        "seen": copy.deepcopy(row.get("seen") or {}),
+    }
+
+
+def _row_of(st: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """The run state as the read API's record (queries.run_row's keys)."""
+    start, end = st["start_ts"], st["end_ts"]
+    row = dict(stored or {})
+    row.update({
+        "run_id": st["run_id"], "experiment": st["experiment"], "display_name": st["display_name"],
+        "description": st["description"], "parent_run_id": st["parent_run_id"], "run_type": st["run_type"],
+        "compute_target": st["compute_target"], "status": st["status"] or "NotStarted",
+        "created_time": _iso(st["created_ts"]), "start_time": _iso(start), "end_time": _iso(end),
+        "duration_s": (end - start) if start and end else None, "properties": st["properties"], "tags": st["tags"],
+        "error": st["error"], "dropped_points": int(st["dropped_points"] or 0),
+        "illegal_transitions": int(st["illegal_transitions"] or 0), "version": st["version"], "seen": st["seen"],
+    })
+    return row

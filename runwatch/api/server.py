@@ -39,10 +39,13 @@ def _bool(value: str | None) -> bool:
 
 class ReadApi:
     def __init__(self, queries: Queries, health: Callable[[], dict[str, Any]], settings: Settings,
-                 files: FileStore, snapshots: FileStore, live=None, sink=None):
+                 files: FileStore, snapshots: FileStore, live=None, sink=None, run_tail=None):
         self.queries = queries
         #: the worker's live tail (runwatch/api/live.py): `live.pending(run_ids)`; None reads what is stored only
         self.live = live
+        #: the worker's run tail (runwatch/api/live.py RunTail): a run's record shows the events of the `runs`
+        #: topic the processors and the sink have not stored yet; None: what is stored only
+        self.run_tail = run_tail
         #: the worker's sink, when it runs in this process: it tells producers what of theirs is stored
         self.sink = sink
         self.health_fn = health
@@ -165,8 +168,10 @@ class ReadApi:
             order=q.get("order", "desc"), limit=limit, run_ids=q.getall("run_id", []) or None)
         return self._json(rows)
 
-    async def _get_run(self, run_id: str) -> dict[str, Any]:
+    async def _get_run(self, run_id: str, stored: bool = False) -> dict[str, Any]:
         run = await self._q(self.queries.run, run_id)
+        if self.run_tail is not None and not stored:
+            run = self.run_tail.overlay(run_id, run)
         if run is None:
             raise LookupError(f"no run {run_id!r}")
         return run
@@ -181,7 +186,8 @@ class ReadApi:
             await asyncio.sleep(0.05)
 
     async def run(self, request: web.Request) -> web.Response:
-        run = await self._get_run(request.match_info["run_id"])
+        # stored=true: the stored record alone, without what the run tail has seen of the `runs` topic
+        run = await self._get_run(request.match_info["run_id"], stored=_bool(request.query.get("stored")))
         if _bool(request.query.get("gaps")):
             run["missing_events"] = await self._q(self.queries.missing_events, run["run_id"])
         return self._json(run)
