@@ -104,9 +104,27 @@ def target_in(directory: str | os.PathLike, name: str) -> Path:
     return target
 
 
-def fetch(api: ApiClient, url: str, target: str | os.PathLike | None, default_name: str) -> tuple[Path, int]:
+class _Counting:
+    """A file that tells `progress` the bytes written so far."""
+
+    def __init__(self, fh, progress):
+        self.fh, self.progress, self.n = fh, progress, 0
+
+    def write(self, b) -> int:
+        n = self.fh.write(b)
+        self.n += len(b)
+        self.progress(self.n)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
+def fetch(api: ApiClient, url: str, target: str | os.PathLike | None, default_name: str,
+          progress=None) -> tuple[Path, int]:
     """GET `url` into `target` (a file; a directory, or None for here, get `default_name`), atomically:
-    a cut or damaged download leaves nothing. Returns the path and the bytes written."""
+    a cut or damaged download leaves nothing. Returns the path and the bytes written; `progress(bytes)` is
+    called as they arrive."""
     path = Path(target) if target is not None else Path.cwd()
     if path.is_dir():
         path = path / default_name
@@ -114,16 +132,17 @@ def fetch(api: ApiClient, url: str, target: str | os.PathLike | None, default_na
     tmp = path.with_name(path.name + ".part")
     try:
         with open(tmp, "wb") as fh:
-            n = api.download(url, fh)
+            n = api.download(url, _Counting(fh, progress) if progress else fh)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path, n
 
 
-def download(api: ApiClient, run_id: str, name: str, target: str | os.PathLike | None) -> tuple[Path, int]:
+def download(api: ApiClient, run_id: str, name: str, target: str | os.PathLike | None,
+             progress=None) -> tuple[Path, int]:
     """One file of the run (a stored file's checksum is verified); see `fetch` for `target`."""
-    return fetch(api, _url(run_id, name), target, Path(name).name)
+    return fetch(api, _url(run_id, name), target, Path(name).name, progress)
 
 
 def collect_outputs(api: ApiClient, run_id: str, outputs: Path, max_bytes: int,

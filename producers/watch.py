@@ -33,8 +33,10 @@ def driver_files(files: list[dict[str, Any]]) -> list[str]:
 class OutputFollower:
     """Prints new lines of a run's driver logs on each `poll()`, prefixed by rank when there are several."""
 
-    def __init__(self, api, run_id: str, out: TextIO, files: list[str] | None = None):
+    def __init__(self, api, run_id: str, out: TextIO, files: list[str] | None = None, as_json: bool = False):
         self.api = api
+        #: one JSON object a line ({"file", "seq", "ts", "line"}) instead of the text
+        self.as_json = as_json
         self.run_id = run_id
         self.out = out
         self.fixed = files
@@ -64,8 +66,15 @@ class OutputFollower:
                 lines = page["lines"]
                 if not lines:
                     break
-                prefix = f"[rank {lines[0]['rank']}] " if several and f.startswith(DRIVER_LOG_PREFIX) else ""
-                self.out.write("".join(f"{prefix}{ln['line']}\n" for ln in lines))
+                if self.as_json:
+                    import json
+
+                    self.out.write("".join(json.dumps({"file": f, "seq": ln["seq"], "ts": ln.get("ts"),
+                                                       "line": ln["line"]}, ensure_ascii=False) + "\n"
+                                           for ln in lines))
+                else:
+                    prefix = f"[rank {lines[0]['rank']}] " if several and f.startswith(DRIVER_LOG_PREFIX) else ""
+                    self.out.write("".join(f"{prefix}{ln['line']}\n" for ln in lines))
                 self.cursor[f] = page["next_seq"]
                 self.printed[f] = self.printed.get(f, 0) + len(lines)
                 n += len(lines)

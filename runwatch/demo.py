@@ -34,20 +34,24 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
     except StackError as exc:
         console.print(f"[red]the stack did not start:[/red] {exc}")
         return 1
-    console.print(f"runwatch is up in {result.seconds:.1f} s: broker {result.record['bootstrap_servers']}, "
-                  f"read API {result.record['api_url']}, data in {settings.home}")
+    # commands, ids and paths are printed whole, never wrapped by us (a terminal folds a long line for the
+    # eye; copying it gives the line back): soft_wrap
+    state = f"up in {result.seconds:.1f} s" if result.started else "already running"
+    console.print(f"runwatch is {state}: broker {result.record['bootstrap_servers']}, "
+                  f"read API {result.record['api_url']}, data in {settings.home}", highlight=False, soft_wrap=True)
     ws = Workspace(settings=settings)
     exp = Experiment(ws, "sample")
     config = ScriptRunConfig(source_directory=str(SAMPLES), script="train.py", arguments=[steps],
                              process_count_per_node=PROCESSES)
     run = exp.submit(config, tags={"demo": None})
     console.print(f"submitted run {run.id}: {PROCESSES} processes of samples/train.py, {steps} steps each "
-                  "(the same as `runwatch submit --procs 2 train.py`)\n")
+                  "(the same as `runwatch submit --procs 2 train.py`); Ctrl-C stops watching, the run goes on\n",
+                  highlight=False, soft_wrap=True)
 
     class Lines:  # the driver logs, as they arrive, go above the live table
         def write(self, text: str) -> None:
             for line in text.splitlines():
-                console.print(Text(line), highlight=False)
+                console.print(Text(line), highlight=False, soft_wrap=True)
 
         def flush(self) -> None:
             pass
@@ -73,6 +77,10 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
     except RunwatchError as exc:
         console.print(f"[red]{exc}[/red]")
         return 1
+    except KeyboardInterrupt:
+        console.print(f"\nstopped watching; the run goes on. Follow it with `runwatch logs {run.id} --follow`, "
+                      f"cancel it with `runwatch cancel {run.id}`", highlight=False, soft_wrap=True, markup=False)
+        return 130
     if status != "Completed":
         err = run.get_details().get("error") or {}
         console.print(f"[red]the sample run ended {status}: {err.get('message', '')}[/red]")
@@ -89,8 +97,8 @@ def run_demo(settings: Settings, steps: int, console: Console, keep: bool = True
                 "runwatch runs list --experiment sample --children --metric loss --sort min",
                 f"runwatch runs show {run.id}", "runwatch clusters",
                 f"runwatch submit -e sample --procs 2 --source-dir {SAMPLES} train.py 100"):
-        console.print(f"  {cmd}{home}", highlight=False)
-    console.print(f"  {run.get_portal_url()}   (the run's page)", highlight=False)
+        console.print(f"  {cmd}{home}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"  {run.get_portal_url()}   (the run's page)", highlight=False, soft_wrap=True, markup=False)
     if keep:
         console.print("The stack keeps running; stop it with `runwatch down`.")
     else:
@@ -114,7 +122,7 @@ def _children_done(exp, run_id: str, steps: int) -> bool:
 def _live_view(exp, run_id: str, status: str, steps: int):
     t = Table(title=f"experiment {exp.name} / run {run_id}: [bold]{status}[/bold]")
     for col in ("child run", "status", "steps", "loss (last)", "loss (min)", "accuracy (last)"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     try:
         kids = _children(exp, run_id)
     except Exception:

@@ -94,8 +94,11 @@ class Queries:
     # -- experiments and runs ----------------------------------------------------------------
     def experiments(self) -> list[dict[str, Any]]:
         rows = self._rows(f"""
-            SELECT experiment, count() AS runs, groupArray(status) AS statuses, max(created_time) AS latest
-            FROM {DB}.runs FINAL WHERE parent_run_id IS NULL GROUP BY experiment ORDER BY latest DESC""")
+            SELECT experiment, countIf(parent_run_id IS NULL) AS runs,
+                   groupArrayIf(status, parent_run_id IS NULL) AS statuses,
+                   max(greatest(created_time, ifNull(start_time, created_time), ifNull(end_time, created_time)))
+                       AS latest
+            FROM {DB}.runs FINAL GROUP BY experiment HAVING runs > 0 ORDER BY latest DESC""")
         out = []
         for name, n, statuses, latest in rows:
             by_status: dict[str, int] = {}

@@ -180,6 +180,8 @@ class ReadApi:
         """404 for an unknown run, by the cheapest lookup (no FINAL): for endpoints that found nothing of it.
         `wait`: seconds to give a run created a moment ago (its first event still on its way to the store)."""
         deadline = time.monotonic() + min(max(wait, 0.0), 30.0)
+        if self.run_tail is not None and self.run_tail.overlay(run_id, None) is not None:
+            return  # created a moment ago: its record is in the runs topic, not stored yet (the run tail)
         while not await self._q(self.queries.run_exists, run_id):
             if time.monotonic() >= deadline:
                 raise LookupError(f"no run {run_id!r}")
