@@ -377,14 +377,24 @@ class Emitter:
                 # one run's tags (or properties) set call after call travel as one event
                 field_name = "tags" if isinstance(payload, TagsSet) else "properties"
                 merged = None
+                removed: set[str] = set(getattr(payload, "removed", ()) or ())
                 while control and control[0][0] == run_id and type(control[0][2]) is type(payload):
                     if merged is None:
                         merged = dict(getattr(payload, field_name))
-                    nxt = getattr(control.popleft()[2], field_name)
-                    merged.update(nxt) if field_name == "tags" else merged.update(
-                        {k: v for k, v in nxt.items() if k not in merged})
+                    nxt_payload = control.popleft()[2]
+                    nxt = getattr(nxt_payload, field_name)
+                    if field_name == "tags":
+                        # in call order: a removal drops what was set before it; a set after a removal wins
+                        merged.update(nxt)
+                        removed -= set(nxt)
+                        for k in nxt_payload.removed:
+                            merged.pop(k, None)
+                            removed.add(k)
+                    else:
+                        merged.update({k: v for k, v in nxt.items() if k not in merged})
                 if merged is not None:
-                    payload = type(payload)(**{field_name: merged})
+                    payload = (TagsSet(tags=merged, removed=sorted(removed)) if field_name == "tags"
+                               else type(payload)(**{field_name: merged}))
             topic = "logs" if payload.kind == "logs" else "runs"
             self._enqueue_event(run_id, exp, payload, topic, retain=not isinstance(payload, Heartbeat))
         chunks = self.buffer.take()

@@ -37,6 +37,9 @@ def test_every_read_sees_the_writes_just_made_100_times(stack_env, tmp_path):
         assert parent.get_tags().get("i") == (str(i - 1) if i else None)  # the other run's tag is its own
         parent.set_tags({"i": str(i)})
         assert parent.get_tags()["i"] == str(i)
+        run.set_tags({"gone": "soon", "kept": str(i)})  # a set and a removal of one moment travel as one event
+        run.remove_tags(["gone"])
+        assert "gone" not in run.get_tags() and run.get_tags()["kept"] == str(i)
         run.add_properties({f"p{i}": "v"})
         assert run.get_properties()[f"p{i}"] == "v"
         run.log("x", float(i))
