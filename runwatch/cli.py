@@ -17,14 +17,9 @@ from .core.settings import Settings
 from .core.states import TERMINAL
 from .output import OUT, Col, num
 
+
 # typer 0.29's help shows `<bool>` after every flag (--help included) and `<str>` after every argument, and
 # writes a required argument as `{RUN_ID}` in the usage line: a flag takes no value, and the metavars say it all.
-_display_type_rich = typer.core.TyperOption.display_type_rich
-typer.core.TyperOption.display_type_rich = (
-    lambda self, ctx: None if self.is_flag or self.count else _display_type_rich(self, ctx))
-typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
-
-
 def _usage_name(self) -> str:
     name = self.display_name_raw
     if name.startswith("["):
@@ -32,7 +27,13 @@ def _usage_name(self) -> str:
     return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
 
 
-typer.core.TyperArgument._usage_display_name = _usage_name
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer >= 0.2x; older typers print clean help
+    _display_type_rich = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = (
+        lambda self, ctx: None if self.is_flag or self.count else _display_type_rich(self, ctx))
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
 
 app = typer.Typer(help="runwatch: self-hosted run monitoring for machine-learning training.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

@@ -134,7 +134,10 @@ class RunDetails:
         out = []
         for name in sorted(values):
             v = values[name]
-            kind = kinds.get(name, "table" if isinstance(v, dict) else "scalar")
+            # the stored kind, or what this process logged it as (its aggregates may not be stored yet)
+            mine = getattr(self.run, "_kind_of", {}).get(name)
+            kind = kinds.get(name) or (getattr(mine, "value", mine) if mine is not None else None) or (
+                "table" if isinstance(v, dict) else "scalar")
             m: dict[str, Any] = {"name": name, "kind": kind}
             if kind == "image":
                 last = v[-1] if isinstance(v, list) else v

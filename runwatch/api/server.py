@@ -176,11 +176,11 @@ class ReadApi:
             raise LookupError(f"no run {run_id!r}")
         return run
 
-    async def _require_run(self, run_id: str, wait: float = 0.0) -> None:
+    async def _require_run(self, run_id: str, wait: float = 0.0, stored: bool = False) -> None:
         """404 for an unknown run, by the cheapest lookup (no FINAL): for endpoints that found nothing of it.
         `wait`: seconds to give a run created a moment ago (its first event still on its way to the store)."""
         deadline = time.monotonic() + min(max(wait, 0.0), 30.0)
-        if self.run_tail is not None and self.run_tail.overlay(run_id, None) is not None:
+        if not stored and self.run_tail is not None and self.run_tail.overlay(run_id, None) is not None:
             return  # created a moment ago: its record is in the runs topic, not stored yet (the run tail)
         while not await self._q(self.queries.run_exists, run_id):
             if time.monotonic() >= deadline:
@@ -226,7 +226,7 @@ class ReadApi:
         if not (any(found.values()) if recursive else found):
             # no points: an unknown run is a 404. Looked up only then: a widget or a probe polling a live
             # run's metrics would pay a second query per poll (docs/performance.md)
-            await self._require_run(run_id)
+            await self._require_run(run_id, stored=live is None and self.live is not None)
         return self._json(found)
 
     async def run_aggregates(self, request: web.Request) -> web.Response:
