@@ -7,6 +7,7 @@ thread, until the run reaches a terminal state; the browser side only draws the 
 
 from __future__ import annotations
 
+import json
 import base64
 import math
 import threading
@@ -52,6 +53,15 @@ def _stored_or(api, path: str, default: Any) -> Any:
 
 def _fnum(v: Any) -> Any:
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+#: Seconds a finished run is still refreshed while what it shows changes (its last data being stored).
+SETTLE_SECONDS = 15.0
+
+
+def _settled_view(state: dict[str, Any]) -> str:
+    return json.dumps({k: state.get(k) for k in ("status", "metrics", "children", "best_child", "files")},
+                      sort_keys=True, default=str)
 
 
 class RunDetails:
@@ -216,10 +226,19 @@ class RunDetails:
         self._stop.set()
 
     def _poll(self) -> None:
+        settled_by = None
+        last = None
         while not self._stop.is_set():
             state = self.refresh()
             if state.get("terminal") and not state.get("stack_error"):
-                break  # the run is over: one last refresh was shown, polling ends
+                # the run is over; its last points, files and children's aggregates may still be on their way to
+                # the store: refreshed until two refreshes agree (at most SETTLE_SECONDS), then polling ends
+                now = time.monotonic()
+                settled_by = settled_by or now + SETTLE_SECONDS
+                shown = _settled_view(state)
+                if shown == last or now >= settled_by:
+                    break
+                last = shown
             self._stop.wait(self.refresh_interval)
         self._stop.set()
         self.state = dict(self.state, polling=False)
