@@ -278,6 +278,10 @@ def test_two_ups_for_two_homes_at_once(tmp_path):
 
 def test_a_crashed_stack_never_reads_the_stack_that_took_its_ports(tmp_path):
     a, c = tmp_path / "a", tmp_path / "c"
+    from runwatch.core.net import free_port
+
+    a.mkdir()  # ports of its own: the preferred defaults may be another stack's (tests run two at a time)
+    (a / "config.toml").write_text(f"api_port = {free_port()}\nbroker_port = {free_port()}\n")
     ra = up(a)
     try:
         for pid in (ra["worker_pid"], ra["broker_pid"]):  # stack A crashes: its record stays behind
