@@ -814,12 +814,7 @@ class Run:
             raise MetricError(f"list_by_compute: compute must be a compute target's name, not {type_name(compute)}")
         params: dict[str, Any] = {"compute_target": target, "include_children": "true"}
         params["status"] = [str(getattr(status, "value", status))] if status is not None else list(ACTIVE)
-        if type:
-            params["run_type"] = type
-        if tags is not None:
-            params["tag"] = V.filter_param(tags)
-        if properties is not None:
-            params["property"] = V.filter_param(properties)
+        _filters(params, type, tags, properties)
         rows = ws.read_api().get("/api/runs", **params)
         return [Experiment(ws, r["experiment"])._run_from_row(r) for r in rows]
 
@@ -946,12 +941,7 @@ class Experiment:
             if unknown:
                 raise MetricError(f"get_runs: status {statuses[0]!r} is not a run status; one of {', '.join(ALL)}")
             params["status"] = statuses
-        if type:
-            params["run_type"] = type
-        if tags is not None:
-            params["tag"] = V.filter_param(tags)
-        if properties is not None:
-            params["property"] = V.filter_param(properties)
+        _filters(params, type, tags, properties)
         em = get_emitter(self.workspace.settings)
         mine = local.local_rows(experiment=self.name)
         if mine:
@@ -1128,6 +1118,16 @@ def _cached_workspace(name: str, settings: Settings) -> Workspace:
     if ws is None:
         ws = _WORKSPACES[key] = Workspace(name, settings)
     return ws
+
+
+def _filters(params: dict[str, Any], run_type: str | None, tags: Any, properties: Any) -> None:
+    """Azure's run filters (a type; tags and properties as a name, names, or name: value) as read API params."""
+    if run_type:
+        params["run_type"] = run_type
+    if tags is not None:
+        params["tag"] = V.filter_param(tags)
+    if properties is not None:
+        params["property"] = V.filter_param(properties)
 
 
 def _public(properties: Mapping[str, str]) -> dict[str, str]:

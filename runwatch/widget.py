@@ -7,8 +7,8 @@ thread, until the run reaches a terminal state; the browser side only draws the 
 
 from __future__ import annotations
 
-import json
 import base64
+import json
 import math
 import threading
 import time

@@ -193,16 +193,21 @@ class LiveTail:
         with self._lock:
             self._events.clear()
             self._held = 0
-        if consumer is not None:
-            try:
-                await consumer.stop()
-            except Exception:
-                pass
+        await _stop(consumer)
 
     def health(self) -> dict[str, Any]:
         with self._lock:
             return {"watched": len(self._watched), "held_points": self._held,
                     "events": self.stats.events, "read": self.stats.read, "overflows": self.stats.overflows}
+
+
+async def _stop(consumer) -> None:
+    """Stop a tail's consumer; a broker gone away meanwhile is no error of the tail's."""
+    if consumer is not None:
+        try:
+            await consumer.stop()
+        except Exception:
+            pass
 
 
 def _points(env: Envelope) -> int:
@@ -338,11 +343,7 @@ class RunTail:
 
     async def _close(self) -> None:
         consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            try:
-                await consumer.stop()
-            except Exception:
-                pass
+        await _stop(consumer)
 
     def health(self) -> dict[str, Any]:
         with self._lock:

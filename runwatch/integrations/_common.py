@@ -82,6 +82,25 @@ class Target:
             self.run.fail(error_details=message)
 
 
+class LazyTarget:
+    """The integration's Target, made on first use in the process that logs (a framework may start its ranks
+    itself after the callback was made): `_args` are Target's arguments."""
+
+    _args: dict[str, Any]
+    _target: "Target | None" = None
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            self._target = Target(**self._args)
+        return self._target
+
+    @property
+    def run(self) -> Any:
+        """The runwatch Run this process logs to."""
+        return self.target.run
+
+
 def number(value: Any) -> float | int | bool | None:
     """A Python number from a number, a numpy scalar or a one-element tensor; None for anything else."""
     if isinstance(value, (bool, int, float)):

@@ -9,10 +9,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ._common import Target
+from ._common import LazyTarget
 
 
-class RunwatchCallback(TrainerCallback):
+class RunwatchCallback(LazyTarget, TrainerCallback):
     """`on_train_begin`: TrainingArguments and the model's config as properties (`args.*`, `model.*`);
     `on_log`: every numeric entry, step = the global step; `on_train_end`: completes the run."""
 
@@ -20,17 +20,7 @@ class RunwatchCallback(TrainerCallback):
                  per_rank: bool = True, complete: bool | None = None):
         self._args = dict(run=run, experiment_name=experiment_name, display_name=display_name, per_rank=per_rank,
                           complete=complete)
-        self._target: Target | None = None
-
-    @property
-    def target(self) -> Target:
-        if self._target is None:
-            self._target = Target(**self._args)
-        return self._target
-
-    @property
-    def run(self) -> Any:
-        return self.target.run
+        self._target = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         t = self.target

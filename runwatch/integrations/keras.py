@@ -6,10 +6,10 @@ from typing import Any
 
 import keras
 
-from ._common import Target
+from ._common import LazyTarget
 
 
-class RunwatchCallback(keras.callbacks.Callback):
+class RunwatchCallback(LazyTarget, keras.callbacks.Callback):
     """Epoch metrics (step = epoch), batch metrics every `log_every_n_batches` batches as `batch/<name>` (step
     = the batch's number since training began; 0: none), the fit's parameters and the optimizer's config as
     properties; the run is completed at the end of fit, failed if it raises."""
@@ -20,18 +20,8 @@ class RunwatchCallback(keras.callbacks.Callback):
         self._args = dict(run=run, experiment_name=experiment_name, display_name=display_name, per_rank=per_rank,
                           complete=complete)
         self.every = int(log_every_n_batches)
-        self._target: Target | None = None
+        self._target = None
         self._batches = 0
-
-    @property
-    def target(self) -> Target:
-        if self._target is None:
-            self._target = Target(**self._args)
-        return self._target
-
-    @property
-    def run(self) -> Any:
-        return self.target.run
 
     def on_train_begin(self, logs=None):
         self.target.params(dict(self.params or {}), "fit")

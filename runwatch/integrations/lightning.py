@@ -9,10 +9,10 @@ try:
 except ImportError:  # the older package name
     from pytorch_lightning.loggers.logger import Logger
 
-from ._common import Target
+from ._common import LazyTarget
 
 
-class RunwatchLogger(Logger):
+class RunwatchLogger(LazyTarget, Logger):
     """A Lightning logger: `log_metrics` with Lightning's step, `log_hyperparams` as properties (flattened;
     odd values as text, never an error), `finalize` completes the run, or fails it when Lightning says
     "failed" (an exception in fit). With several ranks every rank logs to its own child run by default
@@ -24,13 +24,7 @@ class RunwatchLogger(Logger):
         self._args = dict(run=run, experiment_name=experiment_name, display_name=display_name, per_rank=per_rank,
                           complete=complete)
         self._experiment_name = experiment_name
-        self._target: Target | None = None
-
-    @property
-    def target(self) -> Target:
-        if self._target is None:  # made in the process that logs (Lightning may start the ranks itself)
-            self._target = Target(**self._args)
-        return self._target
+        self._target = None
 
     @property
     def experiment(self) -> Any:
