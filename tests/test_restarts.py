@@ -206,7 +206,10 @@ def test_broker_killed_mid_run_then_up(home, tmp_path):
     fig = account(home, t.run_id, 40_000, since=t0)
     agg = wait_until(lambda: (a := aggregate(home, t.run_id)).get("count") == 40_000 and a, 60, what="aggregates")
     details = api(home).get(f"/api/runs/{t.run_id}", gaps="true")
-    history = [h["to"] for h in api(home).get(f"/api/runs/{t.run_id}/history") if h["applied"]]
+    # the record shows Completed from the runs topic at once (the run tail); the history is what is stored
+    history = wait_until(lambda: (h := [h["to"] for h in api(home).get(f"/api/runs/{t.run_id}/history")
+                                        if h["applied"]]) == ["Running", "Completed"] and h, 30,
+                         what="the history stored")
     FIGURES.record("broker SIGKILLed mid-run, then `runwatch up`", **fig,
                    note=f"status {fig['status']} ({' -> '.join(history)}); aggregates count {agg['count']:,}; "
                         "the trainer sent again what the dead broker had not passed on")
