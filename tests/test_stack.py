@@ -47,7 +47,9 @@ def test_up_status_restart_down_and_two_stacks(tmp_path):
         assert rec_b["bootstrap_servers"] != rec_a2["bootstrap_servers"] and rec_b["api_url"] != rec_a2["api_url"]
         assert json.loads(rw(b, "experiments", "--json").stdout) == []
     finally:
-        down_a, down_b = rw(a, "down"), rw(b, "down")
+        # the subprocess limit is above down's own (--timeout 120 by default, then it saves what is unstored):
+        # on a loaded machine a restarted worker can take long to rejoin, and down must still end by itself
+        down_a, down_b = rw(a, "down", timeout=300), rw(b, "down", timeout=300)
     assert "stopped: worker, broker" in down_a.stdout and "stopped: worker, broker" in down_b.stdout
     assert not pid_alive(rec_a2["worker_pid"]) and not pid_alive(rec_a2["broker_pid"])
     gone = rw(a, "runs", "list")
