@@ -803,7 +803,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (a few minutes instead of about 16)")
     ap.add_argument("--only", choices=["sdk", "pipeline", "burst", "restart", "submit", "files", "dashboards", "mlflow",
-                                       "training", "ryw"],
+                                       "training", "ryw", "system"],
                     help="run one group (mlflow includes training)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the 4-process ingest with py-spy instead (flame graphs in benchmarks/results/profiles/)")
@@ -844,6 +844,10 @@ def main() -> int:
             from benchmarks.ryw import bench_ryw
 
             bench_ryw(args.quick, broker, tmp, record, console, ROOT, _worker, _env, ingest4)
+        if args.only in (None, "system"):
+            from benchmarks.system import bench_system
+
+            bench_system(args.quick, broker, tmp, record, console, _env, run_json)
         if args.only in (None, "files"):
             bench_files(args.quick, broker, tmp)
         if args.only in (None, "dashboards"):

@@ -26,7 +26,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dm
 
 from runwatch.core import states
-from runwatch.core.names import PROCESSES_PROPERTY, SCRIPT_RUN
+from runwatch.core.names import PROCESSES_PROPERTY, SCRIPT_RUN, SYSTEM_PREFIX as SYSTEM
 
 from .sdk import DATASOURCE, ClickHouseQuery, grid, transformation
 
@@ -180,7 +180,11 @@ def run() -> db.Dashboard:
     return (base("run", "runwatch / Run", "now-30d")
             .with_variable(text_var("run_id", "run id"))
             .with_variable(query_var("metric", f"""SELECT DISTINCT name FROM {DB}.metric_points
-                                                   WHERE {rid} AND {SERIES}""", multi=True, all_=True))
+                                                   WHERE {rid} AND {SERIES} AND NOT startsWith(name, '{SYSTEM}')""",
+                                     multi=True, all_=True))
+            .with_variable(query_var("system_metric", f"""SELECT DISTINCT name FROM {DB}.metric_points
+                                                          WHERE {rid} AND startsWith(name, '{SYSTEM}')""",
+                                     multi=True, all_=True, label="system metric"))
             .with_variable(query_var("table_metric", f"""SELECT DISTINCT name FROM {DB}.metric_points
                                                          WHERE {rid} AND kind IN ('row', 'table')""",
                                      multi=True, all_=True, label="table"))
@@ -242,7 +246,14 @@ def run() -> db.Dashboard:
                        rank, stream, seq
                 FROM {DB}.log_lines WHERE {rid} AND file = '${{log_file}}'
                 ORDER BY seq DESC LIMIT 1 BY seq LIMIT 5000""", "logs"))
-                .show_time(True).wrap_log_message(True).sort_order(common.LogsSortOrder.ASCENDING)))
+                .show_time(True).wrap_log_message(True).sort_order(common.LogsSortOrder.ASCENDING))
+            .with_panel(timeseries.Panel().title("${system_metric}").repeat("system_metric").repeat_direction("h")
+                        .max_per_row(4).grid_pos(grid(0, 45, 6, 7)).with_target(q(f"""
+                SELECT ts AS time, value AS "${{system_metric}}" FROM {DB}.metric_points
+                WHERE {rid} AND name = '${{system_metric}}' AND $__timeFilter(ts) ORDER BY ts LIMIT 10000""",
+                                                                                      "timeseries"))
+                        .description("The run's system metrics over time (CPU, memory, disk, network, GPU; "
+                                     "per rank and node on a run of several processes).")))
 
 
 # ------------------------------------------------------------------------------------ Compare runs

@@ -9,6 +9,7 @@ grafana-client; both are idempotent.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -91,3 +92,20 @@ def files(api_url: str | None = None) -> dict[str, str]:
     out["provisioning/dashboards/runwatch.yaml"] = dump(dashboard_provider())
     out["provisioning/alerting/runwatch-alerts.yaml"] = dump(alerting())
     return out
+
+
+def regenerate(root: Path | None = None) -> list[str]:
+    """Write the built files under dashboards/ of the source tree where they changed; the paths written."""
+    root = root or Path(__file__).resolve().parent
+    written = []
+    for rel, content in files().items():
+        path = root / rel
+        if not path.exists() or path.read_text() != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+            written.append(rel)
+    return written
+
+
+if __name__ == "__main__":  # python -m runwatch.dashboards.provisioning: after a change to build.py or this file
+    print("\n".join(f"wrote dashboards/{rel}" for rel in regenerate()) or "dashboards/ is current")

@@ -108,6 +108,7 @@ class Run:
                              created_ts=created))
         if status not in TERMINAL and heartbeats:
             run._em.open_run(run.id, experiment.name)
+            run._watch_system()
         return run
 
     @classmethod
@@ -127,6 +128,7 @@ class Run:
             exp = Experiment(ws, os.environ.get("RUNWATCH_EXPERIMENT", "default"))
             run = cls(exp, run_id, run_type=SCRIPT_RUN, status=RunStatus.Running.value, _fetch=False)
             run._em.open_run(run.id, exp.name)
+            run._watch_system()
             return run
         if not allow_offline:
             raise RunwatchError("Run.get_context(): this process was not started by the runwatch launcher")
@@ -245,6 +247,9 @@ class Run:
         if known is kind:
             return
         V.check_name(name, call, self._settings.max_name_length)
+        if name.startswith(names.SYSTEM_PREFIX):
+            raise MetricError(f"{call}: {name!r}: names under {names.SYSTEM_PREFIX!r} are runwatch's system "
+                              "metrics (docs/system-metrics.md); choose another name")
         if known is not None:
             raise MetricError(f"{call}: {name!r} was logged as a {known.value} metric; a name keeps its kind")
         if len(self._kind_of) >= self._settings.max_metric_names:
@@ -305,6 +310,23 @@ class Run:
             if nums_idx:
                 wake |= buf.add_columns(columns(np.array(nums_idx, np.uint32), np.array(nums_step, np.int64), t,
                                                 np.array(nums_val, np.float64)))
+        self._em.added(wake)
+
+    # -- system metrics (producers/system.py) ---------------------------------------------------
+    def _watch_system(self) -> None:
+        if self._settings.system_metrics and self._settings.system_metrics_interval > 0:
+            from .system import monitor
+
+            monitor(self._settings.system_metrics_interval).watch(self)
+
+    def _log_system(self, figures: Mapping[str, float], step: int) -> None:
+        """One system sample (the sampling thread calls this): numbers at the sample's index as step, outside the
+        user's names and their limit."""
+        t = _time()
+        buf = self._buffer
+        wake = False
+        for name, value in figures.items():
+            wake |= buf.add_number((self._entry(name, MetricKind.scalar, "", _FLOAT), step, t, float(value)))
         self._em.added(wake)
 
     # -- tags, properties, lifecycle ---------------------------------------------------------
@@ -380,6 +402,13 @@ class Run:
 
     def _finish(self, status: RunStatus, error: dict | None = None) -> None:
         refused = self._collect_outputs() if status in (RunStatus.Completed, RunStatus.Failed) else []
+        if self._settings.system_metrics:
+            from .system import monitor
+
+            monitor(self._settings.system_metrics_interval).unwatch(self.id)
+        from . import capture
+
+        capture.stop(self.id)  # its last lines go out before its status
         self._set_status(status, error)
         self._em.close_run(self.id)
         # Completion is the one place the SDK waits on I/O, bounded: the points logged so far
@@ -612,15 +641,16 @@ class Run:
         return _public(self._record()["properties"])
 
     def get_metrics(self, name: str | None = None, recursive: bool = False, run_type: str | None = None,
-                    populate: bool = False) -> dict[str, Any]:
+                    populate: bool = False, include_system: bool = False) -> dict[str, Any]:
         """Metrics in Azure's shape: one value, a list, or a dict of column lists; recursive adds descendants by
         id (`run_type`: only those of that type). Every point this process logged before the call is in it
         (the read API waits for them, bounded). `populate` is accepted and changes nothing (no metric here
-        refers to external data)."""
+        refers to external data). System metrics (`system/...`, docs/system-metrics.md) are in it with
+        `include_system=True`, or when `name` names one."""
         runs = [self.id] + ([w.run_id for w in _descendants(self.id)] if recursive else [])
         try:
             got = self._api().get(run_path(self.id, "metrics"), name=name, recursive=str(bool(recursive)).lower(),
-                                  headers=self._em.metrics_token(runs))
+                                  system=str(bool(include_system)).lower(), headers=self._em.metrics_token(runs))
         except NotFound:
             w = local.written(self.id)
             if w is None or not w.created_here:
@@ -630,7 +660,8 @@ class Run:
             for rid in runs:
                 if rid not in got:
                     try:
-                        got[rid] = self._api().get(run_path(rid, "metrics"), name=name)
+                        got[rid] = self._api().get(run_path(rid, "metrics"), name=name,
+                                                   system=str(bool(include_system)).lower())
                     except NotFound:
                         got[rid] = {}
         if recursive and run_type is not None:
@@ -923,10 +954,27 @@ class Experiment:
         """Azure reloads the experiment's record; here an experiment is its runs, always read fresh."""
 
     def start_logging(self, *args: Any, display_name: str | None = None, outputs: Any = None,
-                      snapshot_directory: Any = None, **kwargs: Any) -> Run:
-        """Start an interactive run; what it leaves in `outputs` (default ./outputs) becomes its files."""
-        return Run._start(self, display_name=display_name, tags=kwargs.get("tags"),
-                          properties=kwargs.get("properties"), outputs=outputs or "./outputs")
+                      snapshot_directory: Any = None, capture_output: bool | None = None, **kwargs: Any) -> Run:
+        """Start an interactive run; what it leaves in `outputs` (default ./outputs) becomes its files.
+        `capture_output` (default: on in a script, off in a notebook) tees what the process prints, its logging
+        records and its warnings into the run's logs until the run ends (producers/capture.py)."""
+        run = Run._start(self, display_name=display_name, tags=kwargs.get("tags"),
+                         properties=kwargs.get("properties"), outputs=outputs or "./outputs")
+        if capture_output is None:
+            mode = str(self.workspace.settings.capture_output).strip().lower()
+            if mode not in ("auto", "true", "false"):
+                raise ValueError(f"RUNWATCH_CAPTURE_OUTPUT is {mode!r}: it is one of auto, true, false")
+            if mode == "auto":
+                from .capture import in_notebook
+
+                capture_output = not in_notebook()
+            else:
+                capture_output = mode == "true"
+        if capture_output:
+            from . import capture
+
+            capture.start(run)
+        return run
 
     def get_runs(self, type: str | None = None, tags: Any = None, properties: Any = None,
                  include_children: bool = False, status: str | None = None) -> list[Run]:

@@ -19,6 +19,10 @@ from runwatch.core.net import free_port, port_open
 from runwatch.stack import tansu_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+# Runs in tests log only what they are told to: no system sampling thread, no tee of pytest's own output (both on
+# by default for users); tests/test_system.py turns each back on where it is what is tested. Subprocesses inherit it.
+os.environ.setdefault("RUNWATCH_SYSTEM_METRICS", "false")
+os.environ.setdefault("RUNWATCH_CAPTURE_OUTPUT", "false")
 
 
 def wait_until(check, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
@@ -250,6 +254,12 @@ def log_rows_table_tags(run) -> None:
     run.tag("optimizer", "adam")
     run.tag("worth another look")
     run.add_properties({"author": "me"})
+
+
+def metric_series(run, name: str) -> list:
+    """The values of one metric as a list (get_metrics gives a metric logged once as its value)."""
+    v = run.get_metrics(name=name).get(name, [])
+    return v if isinstance(v, list) else [v]
 
 
 def unique_name(prefix: str = "exp") -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, Worker, _unique, unique_name, wait_until
+from conftest import ROOT, Worker, _unique, metric_series, unique_name, wait_until
 from runwatch.dashboards import build, evaluate, provisioning
 from runwatch.dashboards.macros import ALL, Variable, expand
 from runwatch.dashboards.sdk import DATASOURCE_UID
@@ -41,7 +41,11 @@ def filled(broker, tmp_path_factory):
     try:
         ws = Workspace.from_config()
         exp_a, exp_b, exp_c = (Experiment(ws, unique_name(p)) for p in ("dash-a", "dash-b", "dash-c"))
+        # the main run's system metrics (off elsewhere in the tests, tests/conftest.py): a few samples
+        os.environ.update(RUNWATCH_SYSTEM_METRICS="true", RUNWATCH_SYSTEM_METRICS_INTERVAL="0.2")
         main = exp_a.start_logging(display_name="main", tags={"optimizer": "adam"})
+        os.environ["RUNWATCH_SYSTEM_METRICS"] = "false"
+        del os.environ["RUNWATCH_SYSTEM_METRICS_INTERVAL"]
         for i in range(N_LOSS):
             main.log("loss", 100.0 if i == SPIKE_AT else 1.0 / (i + 1))
         for i in range(1000):
@@ -60,6 +64,7 @@ def filled(broker, tmp_path_factory):
             with main.child_run(name=name) as child:
                 for v in values:
                     child.log("auc", float(v))
+        wait_until(lambda: len(metric_series(main, "system/process/rss_mb")) >= 3, 30, what="three system samples")
         main.complete()
         failed = exp_b.start_logging(display_name="diverged")
         failed.log("loss", 1.0)
@@ -157,7 +162,7 @@ def test_dashboards_and_provisioning_are_current():
     for rel, content in provisioning.files().items():
         path = ROOT / "dashboards" / rel
         assert path.exists() and path.read_text() == content, (
-            f"dashboards/{rel} is stale: run `runwatch dashboards export dashboards`")
+            f"dashboards/{rel} is stale: run `python -m runwatch.dashboards.provisioning`")
 
 
 def test_experiments_dashboard(filled):
@@ -201,8 +206,12 @@ def test_run_dashboard_metrics_images_children_files(filled):
     variables = resolve(client, model, {"run_id": k["main"]})
     assert set(variables["metric"].options) == {"loss", "accuracy", "lr"}
     assert set(variables["table_metric"].options) == {"roc", "pr"}
+    assert {"system/process/rss_mb", "system/node/cpu_percent"} <= set(variables["system_metric"].options)
+    assert all(o.startswith("system/") for o in variables["system_metric"].options)
     res = panel_results(client, model, variables)
     check_shapes(res)
+    rss = res["system/process/rss_mb"]
+    assert len(rss[1]) >= 3 and all(10 < dict(zip(rss[0], r))["system/process/rss_mb"] < 64_000 for r in rss[1])
     cols, rows, _, _ = res["loss"]
     assert len(rows) <= build.MAX_POINTS + 1, "a chart must never get every point of a long series"
     got = [dict(zip(cols, r)) for r in rows]

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from runwatch.core import names
-from runwatch.core.names import COLUMNS_PROPERTY_PREFIX, PROCESSES_PROPERTY, SCRIPT_RUN
+from runwatch.core.names import COLUMNS_PROPERTY_PREFIX, PROCESSES_PROPERTY, SCRIPT_RUN, SYSTEM_PREFIX
 from runwatch.core.states import ACTIVE
 
 DB = "runwatch"
@@ -320,23 +320,29 @@ class Queries:
             out.setdefault(run_id, {})[key] = _aggregate(kind, count, mn, mx, first, last, last_text, last_step)
         return out
 
-    def metrics(self, run_id: str, name: str | None = None, recursive: bool = False, live=None) -> dict[str, Any]:
-        """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants.
+    def metrics(self, run_id: str, name: str | None = None, recursive: bool = False, live=None,
+                system: bool = False) -> dict[str, Any]:
+        """Azure's get_metrics() shape; recursive: {run_id: metrics} for the run and its descendants. System metrics
+        (names under `system/`) only with `system` or when asked for by name.
 
         `live(run_ids)` (the worker's live tail, runwatch/api/live.py) gives the runs' events the sink has not stored
         yet; their points are shown with the stored ones."""
         if recursive:
             ids = [run_id] + [r["run_id"] for r in self.children(run_id, recursive=True)]
-            per_run = self._metrics_for(ids, name, live)
+            per_run = self._metrics_for(ids, name, live, system)
             return {rid: per_run.get(rid, {}) for rid in ids}
-        return self._metrics_for([run_id], name, live).get(run_id, {})
+        return self._metrics_for([run_id], name, live, system).get(run_id, {})
 
-    def _metrics_for(self, run_ids: list[str], name: str | None, live=None) -> dict[str, dict[str, Any]]:
+    def _metrics_for(self, run_ids: list[str], name: str | None, live=None,
+                     system: bool = False) -> dict[str, dict[str, Any]]:
         where = "run_id IN {ids:Array(String)}"
         params: dict[str, Any] = {"ids": run_ids}
         if name is not None:
             where += " AND name = {name:String}"
             params["name"] = name
+        elif not system:
+            where += " AND NOT startsWith(name, {system:String})"
+            params["system"] = SYSTEM_PREFIX
         # asked before the query: an event stored meanwhile is then in both, and is dropped from the tail's
         # side by its (source, seq) below; asked after, it could be in neither
         pending = live(run_ids) if live is not None else {}
@@ -345,7 +351,7 @@ class Queries:
                 SELECT run_id, name, kind, column, dtype, step, value, text FROM {DB}.metric_points
                 WHERE {where} ORDER BY run_id, name, column, step, ts""", parameters=params).result_rows
         else:
-            rows = self._with_pending(where, params, pending, name)
+            rows = self._with_pending(where, params, pending, name, system)
         out: dict[str, dict[str, Any]] = {}
         scalars: set[tuple[str, str]] = set()
         for run_id, name_, kind, column, dtype, _step, value, text in rows:
@@ -370,7 +376,8 @@ class Queries:
                 names.order_tables(out[rid], props)
         return out
 
-    def _with_pending(self, where: str, params: dict[str, Any], pending: dict[str, list], name: str | None) -> list:
+    def _with_pending(self, where: str, params: dict[str, Any], pending: dict[str, list], name: str | None,
+                      system: bool = False) -> list:
         """The stored points and the pending events' points, in the stored order (run, name, column, step, time)."""
         stored = self.client.query(f"""
             SELECT run_id, name, kind, column, dtype, step, value, text, toUnixTimestamp64Micro(ts), src, seq
@@ -388,7 +395,7 @@ class Queries:
                     for i, st, t, v, text in zip(idx.tolist(), step.tolist(), ts.tolist(), values.tolist(),
                                                  itertools.repeat("") if texts is None else texts):
                         n = p.names[i]
-                        if name is None or n.name == name:
+                        if (n.name == name) if name is not None else (system or not n.name.startswith(SYSTEM_PREFIX)):
                             rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, text, t))
         rows.sort(key=lambda r: (r[0], r[1], r[3], r[5], r[8]))
         return [r[:8] for r in rows]

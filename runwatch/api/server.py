@@ -222,7 +222,8 @@ class ReadApi:
         await self._after(request)
         # stored=true: what ClickHouse holds, nothing from the live tail (and the run is not watched)
         live = None if self.live is None or _bool(request.query.get("stored")) else self.live.pending
-        found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive, live)
+        found = await self._q(self.queries.metrics, run_id, request.query.get("name"), recursive, live,
+                              _bool(request.query.get("system")))
         if not (any(found.values()) if recursive else found):
             # no points: an unknown run is a 404. Looked up only then: a widget or a probe polling a live
             # run's metrics would pay a second query per poll (docs/performance.md)

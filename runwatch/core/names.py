@@ -17,6 +17,9 @@ SCRIPT_RUN = "azureml.scriptrun"
 STACK_HEADER = "X-Runwatch-Stack"
 #: Properties under this prefix are runwatch's own (shown with `--all`, hidden by default).
 INTERNAL_PREFIX = "_runwatch."
+#: Metric names runwatch's system metrics use (producers/system.py): refused for a user's metrics, and kept
+#: out of get_metrics() unless asked for.
+SYSTEM_PREFIX = "system/"
 
 
 def new_run_id(experiment: str) -> str:

@@ -70,6 +70,14 @@ class Settings:
     #: Bytes the on-disk spool may hold before events are dropped (counted, reported).
     spool_max_bytes: int = 1 << 30
     heartbeat_interval: float = 5.0
+    #: System metrics (CPU, memory, disk, network, GPU) logged into every run under `system/`, from a daemon
+    #: thread of the training process (producers/system.py, docs/system-metrics.md); false: none.
+    system_metrics: bool = True
+    #: Seconds between two system samples.
+    system_metrics_interval: float = 10.0
+    #: What `start_logging()` does with the process's output when not told (producers/capture.py): "auto" tees
+    #: it into the run's logs in a script and not in a notebook; "true" always; "false" never.
+    capture_output: str = "auto"
     max_metric_names: int = 1000
     max_name_length: int = 255
     #: Tags and properties (docs/limits.md): a name's and a value's length in characters, how many a run has
@@ -314,6 +322,9 @@ class Settings:
 _INVALID = object()
 
 
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
 def _coerce(f: dataclasses.Field, raw: Any, *, origin: str, strict: bool) -> Any:
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -321,6 +332,13 @@ def _coerce(f: dataclasses.Field, raw: Any, *, origin: str, strict: bool) -> Any
             return None
         if "Path" in typ:
             return Path(raw).expanduser()
+        if typ.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            word = str(raw).strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+            raise ValueError(f"say one of {', '.join(sorted(_TRUE | _FALSE))}")
         if typ.startswith("int"):
             if isinstance(raw, bool):
                 raise ValueError("a bool is not an int")

@@ -118,9 +118,13 @@ function render({ model, el }) {
     if (kv.length) root.appendChild(h("table", { class: "rw-kv" },
       kv.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v === null ? "" : String(v))))));
 
-    const charts = h("div", { class: "rw-charts" });
-    (s.metrics || []).forEach((m) => charts.appendChild(metricCard(m, width)));
-    if ((s.metrics || []).length) root.append(h("h4", {}, "Metrics"), charts);
+    // the run's own metrics, then its system metrics (CPU, memory, GPU: docs/system-metrics.md) apart
+    for (const [title, system] of [["Metrics", false], ["System", true]]) {
+      const shown = (s.metrics || []).filter((m) => !!m.system === system);
+      const charts = h("div", { class: "rw-charts", "data-section": system ? "system" : "metrics" });
+      shown.forEach((m) => charts.appendChild(metricCard(m, width)));
+      if (shown.length) root.append(h("h4", {}, title), charts);
+    }
 
     if ((s.files || []).length) {
       const select = h("select", { class: "rw-file-select", onchange: (e) => {
