@@ -18,7 +18,7 @@ from typing import Any
 
 from .core.client import run_path
 from .core.errors import NotFound, RunwatchError
-from .core.names import DRIVER_LOG_PREFIX
+from .core.names import DRIVER_LOG_PREFIX, SYSTEM_PREFIX
 from .core.states import TERMINAL
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -76,6 +76,7 @@ class RunDetails:
         self.child_metric = child_metric
         self.goal = goal
         self.selected_file: str | None = None
+        self._file_chosen = False  # the user picked the log file (the selector), so refreshes keep it
         self.state: dict[str, Any] = {"run_id": run.id, "status": run.status or "", "polling": False}
         self.refreshes = 0
         self._widget = None
@@ -127,7 +128,8 @@ class RunDetails:
         state["metrics"] = self._metrics(api, rid, {f["name"]: f.get("sha256") for f in listed if f["kind"] == "file"})
         files = [f["name"] for f in listed if f["kind"] == "log"]
         state["files"] = files
-        if self.selected_file not in files:
+        if self.selected_file not in files or not self._file_chosen:
+            # the default, until the user picks one: the first driver log (rank 0's, once it is there)
             driver = [f for f in files if f.startswith(DRIVER_LOG_PREFIX)]
             self.selected_file = (driver or files or [None])[0]
         state["selected_file"] = self.selected_file
@@ -140,15 +142,16 @@ class RunDetails:
     def _metrics(self, api, rid: str, stored: dict[str, str | None]) -> list[dict[str, Any]]:
         aggs = _stored_or(api, run_path(rid, "aggregates"), {})
         kinds = {k.split(".")[0] if v["kind"] in ("row", "table") else k: v["kind"] for k, v in aggs.items()}
-        values = self.run.get_metrics()  # every point this process logged before (read-your-writes)
+        # every point this process logged before (read-your-writes); system metrics after the run's own
+        values = self.run.get_metrics(include_system=True)
         out = []
-        for name in sorted(values):
+        for name in sorted(values, key=lambda n: (n.startswith(SYSTEM_PREFIX), n)):
             v = values[name]
             # the stored kind, or what this process logged it as (its aggregates may not be stored yet)
             mine = getattr(self.run, "_kind_of", {}).get(name)
             kind = kinds.get(name) or (getattr(mine, "value", mine) if mine is not None else None) or (
                 "table" if isinstance(v, dict) else "scalar")
-            m: dict[str, Any] = {"name": name, "kind": kind}
+            m: dict[str, Any] = {"name": name, "kind": kind, "system": name.startswith(SYSTEM_PREFIX)}
             if kind == "image":
                 last = v[-1] if isinstance(v, list) else v
                 m["file"] = last
@@ -258,6 +261,7 @@ class RunDetails:
             def chosen(change):  # the front end picked a log file or a child metric
                 if change["name"] == "selected_file":
                     self.selected_file = change["new"]
+                    self._file_chosen = True
                 else:
                     self.child_metric = change["new"]
                 threading.Thread(target=self.refresh, daemon=True).start()

@@ -129,7 +129,9 @@ def test_a_submitted_runs_log_files_and_the_file_selector(stack_env, tmp_path):
         ScriptRunConfig(source_directory=str(src), script="train.py", process_count_per_node=2))
     run.wait_for_completion(timeout=60)
     details = RunDetails(run, refresh_interval=0.2)
-    s = wait_until(lambda: (st := details.refresh())["terminal"] and st["log_tail"] and st, 30, what="logs")
+    s = wait_until(lambda: (st := details.refresh())["terminal"] and st["log_tail"]
+                   and {f"azureml-logs/70_driver_log_{r}.txt" for r in (0, 1)} <= set(st["files"]) and st, 30,
+                   what="both ranks' driver logs")
     assert "azureml-logs/70_driver_log_1.txt" in s["files"] and s["selected_file"] == "azureml-logs/70_driver_log_0.txt"
     assert s["log_tail"] == [f"rank 0 line {i}" for i in range(3)]
     widget = details.widget()
