@@ -42,8 +42,10 @@ def filled(broker, tmp_path_factory):
         ws = Workspace.from_config()
         exp_a, exp_b, exp_c = (Experiment(ws, unique_name(p)) for p in ("dash-a", "dash-b", "dash-c"))
         # the main run's system metrics (off elsewhere in the tests, tests/conftest.py): a few samples
+        # (a workspace's settings are read when it is made: its own workspace, with them on)
         os.environ.update(RUNWATCH_SYSTEM_METRICS="true", RUNWATCH_SYSTEM_METRICS_INTERVAL="0.2")
-        main = exp_a.start_logging(display_name="main", tags={"optimizer": "adam"})
+        main = Experiment(Workspace.from_config(), exp_a.name).start_logging(display_name="main",
+                                                                             tags={"optimizer": "adam"})
         os.environ["RUNWATCH_SYSTEM_METRICS"] = "false"
         del os.environ["RUNWATCH_SYSTEM_METRICS_INTERVAL"]
         for i in range(N_LOSS):
