@@ -6,32 +6,21 @@ A buffered point's layout, defined here once:
   metric, column, dtype), `step` is an int, `time` a float of seconds since the epoch, and `value` a float
   (in `Buffer.num`, which `Run.log`'s fast path appends to directly) or a str (in `Buffer.text`);
 - a *column* chunk holds points as arrays: gidx uint32, step int64, ts int64 (µs), value float64 (NaN for
-  a string point, whose text is in `texts`): 28 bytes a number instead of about 150 for a hot tuple;
-- an *on-disk* chunk (`OnDisk`) is a column chunk written, raw, to the buffer's spill file: an unlinked file
-  in the spool's directory, so nothing is left behind even by a crash.
+  a string point, whose text is in `texts`): 28 bytes a number instead of about 150 for a hot tuple.
 
-The background thread moves everything buffered into the *backlog* every flush (`take_into_backlog`) and packs
-it from there a group at a time, oldest first, moving what was added meanwhile into the backlog between groups.
-When it falls behind, the hot lists reach `hot_max` points and the logging thread turns them into columns
-itself (`compact`): bounded work, about 0.1 µs a point, measured in `compact_seconds`. Memory is bounded by
-bytes: past `spill_mark` bytes in memory, a chunk that arrives (a `log_list`, a table, compacted hot points) is
-written to the spill file by the thread that adds it (a write of 28 bytes a number to the page cache, far
-cheaper than encoding it; measured in `spill_seconds`), and the background thread moves the backlog's newest
-chunks there too; they are read back in order when their turn comes. Only past `max_bytes` in memory, with the
-disk's share of the spool full, is what is logged dropped, and counted.
+The background thread takes everything every flush (`take`). When it falls behind, the hot lists reach
+`hot_max` points and the logging thread turns them into columns itself (`compact`): bounded work, about
+0.1 µs a point, measured in `compact_seconds`. Past `max_bytes` in all (hot and columns), what is
+logged is dropped and counted: the emitter keeps the buffer well below it by moving what it cannot send
+yet to its outbox and then the spool on disk.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
-import os
-import pickle
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -83,18 +72,6 @@ def hot_texts(points: list[tuple]) -> Columns:
                    texts, sum(len(t) for t in texts))
 
 
-@dataclass
-class OnDisk:
-    """A column chunk in the spill file: where it is, and how many points it holds."""
-    offset: int
-    length: int
-    npoints: int
-    nbytes = 0  # in memory
-
-    def __len__(self) -> int:
-        return self.npoints
-
-
 class Buffer:
     """The one bounded buffer. Any thread appends; the background thread takes."""
 
@@ -103,21 +80,15 @@ class Buffer:
         self.num: list[tuple] = []
         self.text: list[tuple] = []
         self.text_bytes = 0
-        self.chunks: list[Columns | OnDisk] = []
-        self.chunk_bytes = 0  # in memory
-        self.chunk_points = 0
-        #: hot points past which the logging thread turns them into columns itself; never more than a quarter of
-        #: the memory bound as hot tuples (another quarter columns before they spill, and what the background
-        #: thread holds while it spills: within the bound)
-        self.hot_max = max(1, min(max(hot_max, batch_max), max_bytes // 4 // HOT_POINT_BYTES))
+        self.chunks: list[Columns] = []
+        self.chunk_bytes = 0
         #: points that wake the background thread early
-        self.batch_max = min(batch_max, self.hot_max)
+        self.batch_max = batch_max
+        self.hot_max = max(hot_max, batch_max)
         #: the hot list's length at which log() calls `Emitter.full` next: `batch_max` (wake the thread), then
         #: `hot_max` (turn the points into columns); back to `batch_max` when the list is swapped out
         self.mark = batch_max
         self.max_bytes = max_bytes
-        #: memory in bytes past which chunks go to the spill file
-        self.spill_mark = max_bytes // 4
         self._drop = drop  # (gidx of the first point dropped, points) -> counted on its run
         self._lock = threading.Lock()
         #: (is text, a list swapped out, cycles left): a thread that loaded a list just before the swap appends
@@ -126,37 +97,15 @@ class Buffer:
         self.compactions = 0
         self.compact_seconds = 0.0
         self.dropped = 0
-        #: taken but not packed yet, oldest first (the background thread's)
-        self.backlog: collections.deque[Columns | OnDisk] = collections.deque()
-        self.backlog_bytes = 0   # in memory
-        self.backlog_points = 0  # in memory and on disk
-        self.backlog_in = 0      # points ever moved into the backlog
-        self.backlog_out = 0     # points ever taken out of it to be packed
-        #: the spill file: where (set by the emitter), whether the disk has room for n more bytes (the spool's
-        #: bound, which it shares), and what went through it
-        self.spill_dir: Path | None = None
-        self.disk_room: Callable[[int], bool] = lambda n: False
-        self._spill = None  # opened at the first spill
-        self._spill_end = 0
-        self._spill_unread = 0
-        self.spilled_points = 0
-        self.spill_seconds = 0.0  # spent writing to it by the threads that log
 
     # -- accounting ---------------------------------------------------------------------------
     @property
     def points(self) -> int:
-        return len(self.num) + len(self.text) + self.chunk_points + self.backlog_points
+        return len(self.num) + len(self.text) + sum(len(c) for c in self.chunks)
 
     @property
     def nbytes(self) -> int:
-        """Memory held, in bytes: hot points, columns and the backlog's columns in memory (not what is on disk)."""
-        return ((len(self.num) + len(self.text)) * HOT_POINT_BYTES + self.text_bytes + self.chunk_bytes
-                + self.backlog_bytes)
-
-    @property
-    def spill_file_bytes(self) -> int:
-        """The spill file's size on disk (it is emptied once read back whole)."""
-        return self._spill_end
+        return (len(self.num) + len(self.text)) * HOT_POINT_BYTES + self.text_bytes + self.chunk_bytes
 
     def _room(self, nbytes: int) -> bool:
         return self.nbytes + nbytes <= self.max_bytes
@@ -170,7 +119,7 @@ class Buffer:
             return True
         self.text_bytes += len(point[3])
         self.text.append(point)
-        return self._hot_added()
+        return self._hot() >= self.batch_max
 
     def add_number(self, point: tuple) -> bool:
         """A number that did not take the fast path (a given step, an int, the first value of a name)."""
@@ -178,63 +127,18 @@ class Buffer:
             self._drop(point[0], 1)
             return True
         self.num.append(point)
-        return self._hot_added()
-
-    def _hot_added(self) -> bool:
-        """After a slow-path append: columns past `hot_max` (or when the texts fill half the memory bound);
-        True when the background thread should be woken."""
-        hot = self._hot()
-        if hot >= self.hot_max or self.text_bytes > self.max_bytes // 4:
-            self.compact()
-            return True
-        return hot >= self.batch_max
+        return len(self.num) >= self.batch_max
 
     def add_columns(self, cols: Columns) -> bool:
-        """Numbers (or strings) logged at once; True when the background thread should be woken."""
         if not len(cols):
             return False
-        self._admit([cols])
-        return self.chunk_points >= self.batch_max
-
-    def _admit(self, new: list[Columns]) -> None:
-        """Chunks into the buffer: in memory under `spill_mark`, else to the spill file, else in memory under
-        `max_bytes`, else dropped and counted."""
-        for cols in new:
-            item: Columns | OnDisk | None = cols
-            if self.nbytes + cols.nbytes > self.spill_mark:
-                t0 = time.perf_counter()
-                item = self._write_spill(cols)
-                self.spill_seconds += time.perf_counter() - t0
-                if item is None and self._room(cols.nbytes):
-                    item = cols
-            if item is None:
-                self._drop(int(cols.gidx[0]), len(cols))
-                continue
-            with self._lock:
-                self.chunks.append(item)
-                self.chunk_bytes += item.nbytes
-                self.chunk_points += len(item)
-
-    def _write_spill(self, cols: Columns) -> OnDisk | None:
-        """`cols` appended to the spill file (any thread): where, or None when the disk has no room."""
-        if self.spill_dir is None:
-            return None
-        data = pickle.dumps(cols, protocol=5)
-        if not self.disk_room(len(data)):
-            return None
+        if not self._room(cols.nbytes):
+            self._drop(int(cols.gidx[0]), len(cols))
+            return True
         with self._lock:
-            try:
-                if self._spill is None:
-                    self.spill_dir.mkdir(parents=True, exist_ok=True)
-                    self._spill = tempfile.TemporaryFile(dir=self.spill_dir, prefix="spill-")
-                os.pwrite(self._spill.fileno(), data, self._spill_end)
-            except OSError:  # a full disk and the like: never raised into training
-                return None
-            at = self._spill_end
-            self._spill_end += len(data)
-            self._spill_unread += len(data)
-            self.spilled_points += len(cols)
-        return OnDisk(at, len(data), len(cols))
+            self.chunks.append(cols)
+            self.chunk_bytes += cols.nbytes
+        return self.chunk_bytes >= self.batch_max * COLUMN_POINT_BYTES
 
     def _hot(self) -> int:
         return len(self.num) + len(self.text)
@@ -264,9 +168,11 @@ class Buffer:
         with self._lock:
             num, text = self._swap()
         cols = [c for c in (hot_numbers(num) if num else None, hot_texts(text) if text else None) if c is not None]
+        with self._lock:
+            self.chunks.extend(cols)
+            self.chunk_bytes += sum(c.nbytes for c in cols)
         self.compactions += 1
         self.compact_seconds += time.perf_counter() - t0
-        self._admit(cols)
 
     def _swap(self) -> tuple[list, list]:
         """Swap the hot lists out (with the lock held) and empty them, late appends included."""
@@ -295,71 +201,17 @@ class Buffer:
         return taken[0], taken[1]
 
     # -- taking (the background thread) ----------------------------------------------------------
-    def take_into_backlog(self) -> int:
-        """Everything buffered now moved to the backlog's end, as columns (or on disk); the points moved."""
+    def take(self) -> list[Columns]:
+        """Everything buffered now, as columns, and the buffer empty."""
         with self._lock:
             num, text = self._swap()
             chunks, self.chunks = self.chunks, []
-            mem, self.chunk_bytes = self.chunk_bytes, 0
-            n, self.chunk_points = self.chunk_points, 0
-        for hot in (hot_numbers(num) if num else None, hot_texts(text) if text else None):
-            if hot is not None:
-                chunks.append(hot)
-                mem += hot.nbytes
-                n += len(hot)
-        self.backlog.extend(chunks)
-        self.backlog_bytes += mem
-        self.backlog_points += n
-        self.backlog_in += n
-        return n
-
-    def next_group(self, max_points: int) -> list[Columns]:
-        """The backlog's oldest chunks, about `max_points` points (at least one chunk), out of the backlog."""
-        out: list[Columns] = []
-        n = 0
-        backlog = self.backlog
-        while backlog and (n < max_points or not out):
-            item = backlog.popleft()
-            if isinstance(item, OnDisk):
-                cols = pickle.loads(os.pread(self._spill.fileno(), item.length, item.offset))
-                with self._lock:
-                    self._spill_unread -= item.length
-            else:
-                cols = item
-                self.backlog_bytes -= cols.nbytes
-            out.append(cols)
-            n += len(cols)
-        self.backlog_points -= n
-        self.backlog_out += n
-        with self._lock:
-            if self._spill is not None and self._spill_unread == 0 and self._spill_end:
-                os.ftruncate(self._spill.fileno(), 0)  # nothing left to read back: the file starts again
-                self._spill_end = 0
-        return out
-
-    def spill(self) -> int:
-        """The backlog's newest chunks in memory moved to the spill file until its memory is under `spill_mark`
-        (while the disk has room); the points moved."""
-        moved = 0
-        backlog = self.backlog
-        i = len(backlog) - 1
-        while self.nbytes > self.spill_mark and i >= 0:
-            item = backlog[i]
-            if isinstance(item, Columns):
-                ref = self._write_spill(item)
-                if ref is None:
-                    break
-                backlog[i] = ref
-                self.backlog_bytes -= item.nbytes
-                moved += len(item)
-            i -= 1
-        return moved
-
-    def close(self) -> None:
-        with self._lock:
-            if self._spill is not None:
-                self._spill.close()
-                self._spill = None
+            self.chunk_bytes = 0
+        if num:
+            chunks.append(hot_numbers(num))
+        if text:
+            chunks.append(hot_texts(text))
+        return chunks
 
 
-__all__ = ["Buffer", "Columns", "OnDisk", "columns", "HOT_POINT_BYTES", "COLUMN_POINT_BYTES"]
+__all__ = ["Buffer", "Columns", "columns", "HOT_POINT_BYTES", "COLUMN_POINT_BYTES"]

@@ -43,7 +43,7 @@ from runwatch.core.settings import Settings
 
 from .buffer import Buffer, Columns
 from .retain import Retention, retention_dir
-from .spool import Record, Spool, spool_dir_for, spool_root
+from .spool import Record, Spool, spool_dir_for
 
 log = logging.getLogger("runwatch.producer")
 
@@ -52,7 +52,7 @@ HELD_MAX_BYTES = 1 << 20
 #: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
 MAX_POINTS_PER_MESSAGE = 100_000
 #: Points packed at once before the loop lets the sender (and the network) run.
-PACK_STEP = 200_000
+PACK_STEP = 500_000
 #: Bytes sent before their acknowledgements are awaited.
 SEND_GROUP_BYTES = 16 << 20
 #: The header in which a read names this process's last writes it must see (runwatch/api/server.py).
@@ -83,10 +83,6 @@ class Stats:
     #: times the logging thread turned its hot points into columns itself (the background thread was behind)
     compactions: int = 0
     compact_seconds: float = 0.0
-    #: points written, raw, to the buffer's spill file while the background thread was behind (read back in
-    #: order), and the seconds the logging threads spent writing them (producers/buffer.py)
-    points_spilled: int = 0
-    spill_seconds: float = 0.0
     dropped_by_run: dict[str, int] = field(default_factory=dict)
 
 
@@ -105,8 +101,6 @@ class Emitter:
         self.offline = offline
         self.buffer = Buffer(settings.batch_max_points, settings.buffer_max_points, settings.buffer_max_bytes,
                              self._dropped)
-        self.buffer.spill_dir = spool_root(settings.home)
-        self.buffer.disk_room = self._disk_room
         self.control: collections.deque = collections.deque()  # (run_id, experiment, payload)
         # --- name table: gidx -> (run_id, experiment, MetricName)
         self.names: list[tuple[str, str, MetricName]] = []
@@ -311,7 +305,6 @@ class Emitter:
                 pass
             if self._retention is not None:
                 self._retention.close()
-            self.buffer.close()
             loop.close()
 
     def _request_flush(self, barrier: _Barrier) -> None:
@@ -352,8 +345,7 @@ class Emitter:
             except Exception:
                 self.stats.background_errors += 1
                 log.exception("runwatch: error in the background flush (training is not affected)")
-            if self._closing and not self._outbox and not self.buffer.backlog and not self._flush_requests \
-                    and not self._sending:
+            if self._closing and not self._outbox and not self._flush_requests and not self._sending:
                 await self._at_close()
                 return
 
@@ -405,32 +397,27 @@ class Emitter:
                                else type(payload)(**{field_name: merged}))
             topic = "logs" if payload.kind == "logs" else "runs"
             self._enqueue_event(run_id, exp, payload, topic, retain=not isinstance(payload, Heartbeat))
-        buf = self.buffer
-        buf.take_into_backlog()
-        buf.spill()
+        chunks = self.buffer.take()
         st = self.stats
-        st.compactions, st.compact_seconds = buf.compactions, buf.compact_seconds
-        st.points_spilled, st.spill_seconds = buf.spilled_points, buf.spill_seconds
-        if self._saved_switch is not None and buf.backlog_points < buf.batch_max and not self._spooling \
+        st.compactions, st.compact_seconds = self.buffer.compactions, self.buffer.compact_seconds
+        taken = sum(len(c) for c in chunks)
+        if self._saved_switch is not None and taken < self.buffer.batch_max and not self._spooling \
                 and self._outbox_bytes < SEND_GROUP_BYTES:
             self._unboost()
-        # What was logged before this flush is packed before it returns (a flush's barrier follows it); a group
-        # at a time, taking what the training thread adds meanwhile into the backlog (and its overflow to disk)
-        # between groups, so that the buffer never waits a whole backlog's packing for room.
-        target = buf.backlog_in
-        while buf.backlog and buf.backlog_out < target:
-            self._pack_columns(buf.next_group(PACK_STEP))
-            await asyncio.sleep(0)
-            buf.take_into_backlog()
-            buf.spill()
-            st.points_spilled, st.spill_seconds = buf.spilled_points, buf.spill_seconds
-        if buf.backlog:  # logged after this flush began: the next one, at once
-            self._wake_async.set()
-
-    def _disk_room(self, nbytes: int) -> bool:
-        """Room on disk for `nbytes` more of the backlog: its spill file and the spool share the spool's bound."""
-        spool = self._spool.nbytes if self._spool is not None else 0
-        return spool + self.buffer.spill_file_bytes + nbytes <= self.settings.spool_max_bytes
+        if not chunks:
+            return
+        # a few chunks at a time, so that the sender (and the network) run between them
+        group: list[Columns] = []
+        size = 0
+        for c in chunks:
+            group.append(c)
+            size += len(c)
+            if size >= PACK_STEP:
+                self._pack_columns(group)
+                group, size = [], 0
+                await asyncio.sleep(0)
+        if group:
+            self._pack_columns(group)
 
     def _pack_columns(self, chunks: list[Columns]) -> None:
         nums = [c for c in chunks if c.texts is None]

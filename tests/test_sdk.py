@@ -264,59 +264,6 @@ def test_eight_threads_at_once(sdk_settings):
     assert run.emitter.stats.points_dropped == 0
 
 
-@pytest.mark.parametrize("kind", ["lists", "tables", "rows", "strings", "numbers"])
-def test_a_burst_past_the_memory_bound_goes_to_disk_and_nothing_is_dropped(sdk_settings, monkeypatch, kind):
-    # 1 MiB of memory (chunks past 256 KiB go to the spill file): a burst of 13x that, of every kind of value
-    bound = 1 << 20
-    monkeypatch.setenv("RUNWATCH_BUFFER_MAX_BYTES", str(bound))
-    run = Experiment(Workspace.from_config(), unique_name()).start_logging()
-    em = run.emitter
-    assert em.buffer.max_bytes == bound
-    calls, per = 500, 1_000
-    peak = 0
-    for i in range(calls):
-        lo = i * per
-        if kind == "lists":
-            run.log_list("a", np.arange(lo, lo + per, dtype=float))
-        elif kind == "tables":
-            run.log_table("t", {"x": np.arange(lo, lo + per, dtype=float), "y": np.arange(lo, lo + per) * 2.0})
-        elif kind == "rows":
-            for j in range(lo, lo + per // 100):
-                run.log_row("r", x=float(j), y=2.0 * j)
-        elif kind == "strings":
-            run.log_list("s", [f"v{j}" for j in range(lo, lo + per // 10)])
-        else:
-            for j in range(lo, lo + per // 10):
-                run.log("n", float(j))
-        peak = max(peak, em.buffer.nbytes)
-    assert run.flush(120)
-    assert em.stats.points_dropped == 0
-    # the bound holds within half of itself at this tiny size (1 MiB): 1 run in 6 peaked at 1.38x, hot points
-    # logged while both threads were between their checks; at the default 96 MiB that is under 2 % (open, #27)
-    assert peak <= bound * 1.5, f"{peak} bytes in memory, bound {bound}"
-    if kind in ("lists", "tables"):  # a chunk per call, faster than they can be encoded: they went to disk
-        assert em.stats.points_spilled > 0
-    expected = {"lists": {"a": [float(j) for j in range(calls * per)]},
-                "tables": {"x": [float(j) for j in range(calls * per)], "y": [2.0 * j for j in range(calls * per)]},
-                "rows": {"x": [float(j) for i in range(calls) for j in range(i * per, i * per + per // 100)],
-                         "y": [2.0 * j for i in range(calls) for j in range(i * per, i * per + per // 100)]},
-                "strings": {"s": [f"v{j}" for i in range(calls) for j in range(i * per, i * per + per // 10)]},
-                "numbers": {"n": [float(j) for i in range(calls) for j in range(i * per, i * per + per // 10)]}}[kind]
-    total = sum(len(v) for v in expected.values())
-
-    def mine(got):  # the run's own points, without the system metrics it samples meanwhile
-        return [p for p in metric_points(decoded(got), run.id) if not p[1].startswith("system/")]
-    msgs = consume(sdk_settings.bootstrap_servers, [sdk_settings.topic("metrics")],
-                   lambda got: len(mine(got)) >= total, timeout=60)
-    pts = mine(msgs)
-    assert len(pts) == total
-    for column, values in expected.items():
-        got = [p for p in pts if p[1] == column or p[3] == column]
-        assert [p[6] for p in sorted(got, key=lambda p: p[5])] == values  # every value once
-        assert [p[5] for p in got] == sorted(p[5] for p in got)  # and sent in order
-    assert em.buffer.spill_file_bytes == 0 and not em.buffer.backlog  # all read back; the file emptied
-
-
 def test_offline_run_waits_in_the_spool_then_syncs(sdk_settings, monkeypatch):
     from runwatch.producers.sync import sync_spools
     from runwatch import Run
