@@ -42,12 +42,17 @@ def with_api_url(text: str, api_url: str) -> str:
 
 def write(directory: Path, api_url: str | None = None) -> tuple[int, list[Path]]:
     """Write what is shipped under `directory`; unchanged files are left alone. (files in all, written)"""
-    written = []
     files = shipped(api_url)
+    return len(files), write_changed(directory, files)
+
+
+def write_changed(directory: Path, files: dict[str, str]) -> list[Path]:
+    """{relative path: content} under `directory`, each file only where it differs; the paths written."""
+    written = []
     for rel, content in files.items():
         p = Path(directory) / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.exists() or p.read_text() != content:
             p.write_text(content)
             written.append(p)
-    return len(files), written
+    return written

@@ -96,15 +96,10 @@ def files(api_url: str | None = None) -> dict[str, str]:
 
 def regenerate(root: Path | None = None) -> list[str]:
     """Write the built files under dashboards/ of the source tree where they changed; the paths written."""
+    from .export import write_changed
+
     root = root or Path(__file__).resolve().parent
-    written = []
-    for rel, content in files().items():
-        path = root / rel
-        if not path.exists() or path.read_text() != content:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            written.append(rel)
-    return written
+    return [str(p.relative_to(root)) for p in write_changed(root, files())]
 
 
 if __name__ == "__main__":  # python -m runwatch.dashboards.provisioning: after a change to build.py or this file

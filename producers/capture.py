@@ -32,7 +32,7 @@ def in_notebook() -> bool:
         ip = shell.get_ipython() if shell is not None else None  # type: ignore[attr-defined]
     except Exception:
         return False
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+    return ip is not None and hasattr(ip, "kernel")  # ZMQInteractiveShell; a terminal IPython has none
 
 
 class _Tee(io.TextIOBase):
@@ -135,10 +135,12 @@ class _Hub:
             return list(self.writers.values())
 
     def line(self, text: str, stream: str) -> None:
-        for piece in text.split("\r") if "\r" in text else (text,):
-            if piece or "\r" not in text:
-                for w in self._writers():
-                    w.line(driver_log(0), piece, stream)
+        # a progress bar's '\r'-separated redraws are lines of their own; empty pieces between them are not
+        pieces = [p for p in text.split("\r") if p] if "\r" in text else [text]
+        file = driver_log(0)
+        for w in self._writers():
+            for piece in pieces:
+                w.line(file, piece, stream)
 
     def text(self, file: str, text: str, stream: str) -> None:
         for w in self._writers():

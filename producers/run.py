@@ -247,7 +247,7 @@ class Run:
         if known is kind:
             return
         V.check_name(name, call, self._settings.max_name_length)
-        if name.startswith(names.SYSTEM_PREFIX):
+        if names.is_system(name):
             raise MetricError(f"{call}: {name!r}: names under {names.SYSTEM_PREFIX!r} are runwatch's system "
                               "metrics (docs/system-metrics.md); choose another name")
         if known is not None:
@@ -402,11 +402,9 @@ class Run:
 
     def _finish(self, status: RunStatus, error: dict | None = None) -> None:
         refused = self._collect_outputs() if status in (RunStatus.Completed, RunStatus.Failed) else []
-        if self._settings.system_metrics:
-            from .system import monitor
+        from . import capture, system
 
-            monitor(self._settings.system_metrics_interval).unwatch(self.id)
-        from . import capture
+        system.unwatch(self.id)
 
         capture.stop(self.id)  # its last lines go out before its status
         self._set_status(status, error)
@@ -960,19 +958,11 @@ class Experiment:
         records and its warnings into the run's logs until the run ends (producers/capture.py)."""
         run = Run._start(self, display_name=display_name, tags=kwargs.get("tags"),
                          properties=kwargs.get("properties"), outputs=outputs or "./outputs")
+        from . import capture
+
         if capture_output is None:
-            mode = str(self.workspace.settings.capture_output).strip().lower()
-            if mode not in ("auto", "true", "false"):
-                raise ValueError(f"RUNWATCH_CAPTURE_OUTPUT is {mode!r}: it is one of auto, true, false")
-            if mode == "auto":
-                from .capture import in_notebook
-
-                capture_output = not in_notebook()
-            else:
-                capture_output = mode == "true"
+            capture_output = self.workspace.settings.captures_output(capture.in_notebook())
         if capture_output:
-            from . import capture
-
             capture.start(run)
         return run
 

@@ -251,6 +251,13 @@ def monitor(interval: float) -> Monitor:
         return _monitor
 
 
+def unwatch(run_id: str) -> None:
+    """`run_id` out of the process's monitor, if there is one (a run that ends)."""
+    mon = _monitor
+    if mon is not None:
+        mon.unwatch(run_id)
+
+
 def _after_fork() -> None:  # a forked child (a DataLoader worker) has no sampling thread and reports nothing
     global _monitor
     _monitor = None

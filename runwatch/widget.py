@@ -18,7 +18,7 @@ from typing import Any
 
 from .core.client import run_path
 from .core.errors import NotFound, RunwatchError
-from .core.names import DRIVER_LOG_PREFIX, SYSTEM_PREFIX
+from .core.names import DRIVER_LOG_PREFIX, is_system
 from .core.states import TERMINAL
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -145,13 +145,13 @@ class RunDetails:
         # every point this process logged before (read-your-writes); system metrics after the run's own
         values = self.run.get_metrics(include_system=True)
         out = []
-        for name in sorted(values, key=lambda n: (n.startswith(SYSTEM_PREFIX), n)):
+        for name in sorted(values, key=lambda n: (is_system(n), n)):
             v = values[name]
             # the stored kind, or what this process logged it as (its aggregates may not be stored yet)
             mine = getattr(self.run, "_kind_of", {}).get(name)
             kind = kinds.get(name) or (getattr(mine, "value", mine) if mine is not None else None) or (
                 "table" if isinstance(v, dict) else "scalar")
-            m: dict[str, Any] = {"name": name, "kind": kind, "system": name.startswith(SYSTEM_PREFIX)}
+            m: dict[str, Any] = {"name": name, "kind": kind, "system": is_system(name)}
             if kind == "image":
                 last = v[-1] if isinstance(v, list) else v
                 m["file"] = last
@@ -271,16 +271,14 @@ class RunDetails:
 
     def show(self) -> None:
         """Display the widget in Jupyter and keep it current; elsewhere print the text summary."""
-        try:
-            from IPython import get_ipython
-            from IPython.display import display
-        except ImportError:
-            get_ipython = None  # noqa: N806
-        shell = get_ipython() if get_ipython else None
-        if shell is None or not hasattr(shell, "kernel"):
+        from .producers.capture import in_notebook
+
+        if not in_notebook():
             self.refresh()
             print(self)
             return
+        from IPython.display import display
+
         display(self.widget())
         self.start()
 

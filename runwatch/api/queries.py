@@ -395,7 +395,7 @@ class Queries:
                     for i, st, t, v, text in zip(idx.tolist(), step.tolist(), ts.tolist(), values.tolist(),
                                                  itertools.repeat("") if texts is None else texts):
                         n = p.names[i]
-                        if (n.name == name) if name is not None else (system or not n.name.startswith(SYSTEM_PREFIX)):
+                        if (n.name == name) if name is not None else (system or not names.is_system(n.name)):
                             rows.append((run_id, n.name, n.kind.value, n.column, n.dtype.value, st, v, text, t))
         rows.sort(key=lambda r: (r[0], r[1], r[3], r[5], r[8]))
         return [r[:8] for r in rows]

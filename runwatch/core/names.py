@@ -22,6 +22,11 @@ INTERNAL_PREFIX = "_runwatch."
 SYSTEM_PREFIX = "system/"
 
 
+def is_system(name: str) -> bool:
+    """A metric name of runwatch's system metrics (SYSTEM_PREFIX)."""
+    return name.startswith(SYSTEM_PREFIX)
+
+
 def new_run_id(experiment: str) -> str:
     """A new run's id: its experiment, the second it started, and 8 random hex digits."""
     return f"{experiment}_{int(time.time())}_{uuid.uuid4().hex[:8]}"

@@ -213,6 +213,13 @@ class Settings:
                     values[f.name] = parsed
         return cls(**values)
 
+    def captures_output(self, notebook: bool) -> bool:
+        """Whether `start_logging()` captures the output when not told (`capture_output`: auto, true, false)."""
+        mode = str(self.capture_output).strip().lower()
+        if mode not in ("auto", "true", "false"):
+            raise ValueError(f"RUNWATCH_CAPTURE_OUTPUT is {mode!r}: it is one of auto, true, false")
+        return not notebook if mode == "auto" else mode == "true"
+
     def kafka_args(self) -> dict[str, Any]:
         """Security arguments for every aiokafka client (producer, consumer, admin)."""
         proto = self.kafka_security_protocol.upper()
