@@ -47,6 +47,15 @@ from .spool import Record, Spool, spool_dir_for
 
 log = logging.getLogger("runwatch.producer")
 
+
+def _quiet_client_logs() -> None:
+    """aiokafka logs every failed connection while the broker is away (hundreds of lines during a `runwatch
+    down`/`up`), on the training's terminal and, captured, in the run's logs; the emitter says itself when it
+    spools and sends again. Quieted unless the user set its level (logging.getLogger("aiokafka").setLevel)."""
+    client = logging.getLogger("aiokafka")
+    if client.level == logging.NOTSET:
+        client.setLevel(logging.CRITICAL)
+
 #: Bytes of control events kept in memory when the spool's disk refuses them (status, tags, drop counts).
 HELD_MAX_BYTES = 1 << 20
 #: Points per metric-batch message: 100 k points are about 2.8 MB before compression.
@@ -276,6 +285,7 @@ class Emitter:
 
     # ------------------------------------------------------------------ background thread
     def _thread_main(self) -> None:
+        _quiet_client_logs()
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._wake_async = asyncio.Event()

@@ -264,6 +264,25 @@ def test_eight_threads_at_once(sdk_settings):
     assert run.emitter.stats.points_dropped == 0
 
 
+def test_the_kafka_clients_connection_errors_are_quiet_unless_the_user_set_its_level(sdk_settings, monkeypatch):
+    # while the broker is away (runwatch down/up mid-run) aiokafka logs every failed connection: hundreds of lines
+    # on the training's terminal and in its captured logs; the emitter reports the outage itself
+    import logging
+
+    client = logging.getLogger("aiokafka")
+    monkeypatch.setattr(client, "level", logging.NOTSET)
+    run = Experiment(Workspace.from_config(), unique_name()).start_logging()
+    run.log("x", 1.0)
+    assert run.flush(10)
+    assert client.level == logging.CRITICAL
+    monkeypatch.setenv("RUNWATCH_FLUSH_INTERVAL", "0.06")  # other settings: a new emitter, which starts again
+    client.setLevel(logging.INFO)  # the user's choice is kept
+    other = Experiment(Workspace.from_config(), unique_name()).start_logging()
+    other.log("x", 1.0)
+    assert other.flush(10) and other.emitter is not run.emitter
+    assert client.level == logging.INFO
+
+
 def test_offline_run_waits_in_the_spool_then_syncs(sdk_settings, monkeypatch):
     from runwatch.producers.sync import sync_spools
     from runwatch import Run
